@@ -48,6 +48,7 @@ def gunicorn_options(settings: Settings, registry: Registry) -> dict[str, Any]:
         "loglevel": settings.log_level.lower(),
         "accesslog": "-" if settings.dev else None,
         "proc_name": "bgfn-web",
+        "control_socket_disable": True,  # gunicorn >= 27: no shared socket in $HOME for several servers
     }
 
 
@@ -61,7 +62,7 @@ class GunicornServer(BaseApplication):
 
     def load_config(self) -> None:
         for key, value in gunicorn_options(self.settings, self.registry).items():
-            if value is not None:
+            if value is not None and key in self.cfg.settings:
                 self.cfg.set(key, value)
 
     def load(self) -> Flask:

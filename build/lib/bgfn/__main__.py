@@ -1,0 +1,3 @@
+from bgfn.cli import main
+
+main(prog_name="bgfn")

@@ -1,0 +1,208 @@
+"""The web tier: a Flask app that routes `/.netlify/functions/NAME` to functions (CONTRACT §2–7)."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import redis
+from flask import Flask, request
+from rq import Queue
+from werkzeug.routing import Rule
+from werkzeug.wrappers import Response
+
+from bgfn import defaults
+from bgfn.discovery import NAME_RULE, Function, Registry
+from bgfn.errors import QueueUnavailable
+from bgfn.event import build_event
+from bgfn.invoke import Invoker
+from bgfn.queue import REDIS_ERRORS, enqueue_invocation, make_queue, new_request_id
+from bgfn.response import InvalidResponse, RawResponse, error_response, map_response, text_response
+from bgfn.settings import Settings
+
+log = logging.getLogger("bgfn.app")
+
+FUNCTIONS_PREFIX = "/.netlify/functions/"
+BGFN_PREFIX = "/.bgfn/"
+NOT_FOUND_TEXT = "Function not found..."
+BAD_NAME_TEXT = "Function name should consist only of alphanumeric characters, hyphen & underscores."
+JOB_ID_HEADER = "X-Bgfn-Job-Id"
+
+# Set per request by the gunicorn hook (bgfn.server): the raw header list and the worker.
+request_local = threading.local()
+
+
+@dataclass
+class BgfnState:
+    """What the app needs per process; lives on `app.extensions["bgfn"]`."""
+
+    settings: Settings
+    registry: Registry
+    invoker: Invoker
+    redis: redis.Redis | None
+    queue: Queue | None
+
+
+def create_app(settings: Settings, registry: Registry, connection: redis.Redis | None = None,
+               on_stuck: Callable[[Function], None] | None = None) -> Flask:
+    """Build the Flask app serving `registry`. Background functions need `connection`."""
+    app = Flask("bgfn")
+    app.url_map.merge_slashes = False
+    app.url_map.strict_slashes = False
+    queue = make_queue(connection, settings.queue) if connection is not None else None
+    state = BgfnState(settings=settings, registry=registry, invoker=Invoker(on_stuck=on_stuck),
+                      redis=connection, queue=queue)
+    app.extensions["bgfn"] = state
+
+    # Rules with methods=None match every method, OPTIONS and unusual ones included.
+    app.url_map.add(Rule("/.netlify/functions/", endpoint="function"))
+    app.url_map.add(Rule("/.netlify/functions/<path:rest>", endpoint="function"))
+    app.view_functions["function"] = lambda rest="": _function_view(state)
+    app.add_url_rule("/.bgfn/health", "health", lambda: {"status": "ok"})
+    app.add_url_rule("/.bgfn/ready", "ready", lambda: _ready_view(state))
+
+    @app.errorhandler(404)
+    def _not_found(_: Exception) -> Response:
+        return error_response(404, "NotFound", f"Nothing is served at {request.path!r}. Functions live under "
+                              f"{FUNCTIONS_PREFIX}NAME; bgfn's own endpoints under {BGFN_PREFIX}.")
+
+    @app.errorhandler(405)
+    def _not_allowed(_: Exception) -> Response:
+        return error_response(405, "MethodNotAllowed", f"{request.method} is not allowed on {request.path!r}.")
+
+    return app
+
+
+def _raw_path(environ: dict[str, Any]) -> str:
+    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+    if raw:
+        path = urlsplit(raw).path if "://" in raw else raw.split("?", 1)[0]
+        if path:
+            return path
+    return quote(environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", ""), safe="/:@!$&'()*+,;=-._~")
+
+
+def _raw_headers(environ: dict[str, Any]) -> list[tuple[str, str]]:
+    """The request's header pairs with repeats kept (from gunicorn), else rebuilt from the environ."""
+    raw = getattr(request_local, "headers", None)
+    if raw is not None:  # set by bgfn.server's pre_request hook for this very request
+        return [(name, value) for name, value in raw]
+    pairs: list[tuple[str, str]] = []
+    for key, value in environ.items():
+        if key.startswith("HTTP_"):
+            pairs.append((key[5:].replace("_", "-").lower(), value))
+        elif key in ("CONTENT_TYPE", "CONTENT_LENGTH") and value:
+            pairs.append((key.replace("_", "-").lower(), value))
+    return pairs
+
+
+def _client_ip(environ: dict[str, Any], settings: Settings) -> str:
+    peer = str(environ.get("REMOTE_ADDR") or "")
+    forwarded = environ.get("HTTP_X_FORWARDED_FOR")
+    if not forwarded or not settings.trusted_proxies or not _trusted(peer, settings):
+        return peer
+    hops = [h.strip() for h in forwarded.split(",") if h.strip()]
+    for hop in reversed(hops):  # the first address from the right that is not one of our proxies
+        if not _trusted(hop, settings):
+            return hop
+    return hops[0] if hops else peer
+
+
+def _trusted(address: str, settings: Settings) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in settings.trusted_proxies)
+
+
+def _function_view(state: BgfnState) -> Response:
+    environ = request.environ
+    path = _raw_path(environ)
+    name = path[len(FUNCTIONS_PREFIX):].split("/", 1)[0] if path.startswith(FUNCTIONS_PREFIX) else ""
+    if name and "%" not in name and not NAME_RULE.match(name):
+        return text_response(400, BAD_NAME_TEXT)
+    function = state.registry.functions.get(name)
+    if function is None:
+        return text_response(404, NOT_FOUND_TEXT)
+
+    limit = defaults.BACKGROUND_BODY_LIMIT if function.background else defaults.SYNC_BODY_LIMIT
+    length = request.content_length
+    if length is not None and length > limit:
+        return _too_large(function, length, limit)
+    body = request.stream.read(limit + 1)
+    if len(body) > limit:
+        return _too_large(function, None, limit)
+
+    event = build_event(method=request.method, path=path, query=environ.get("QUERY_STRING", ""),
+                        headers=_raw_headers(environ), body=body, scheme=request.scheme,
+                        host=request.host, client_ip=_client_ip(environ, state.settings))
+    request_id = new_request_id()
+    if function.background:
+        return _accept_background(state, function, event, request_id)
+    return _run_sync(state, function, event, request_id)
+
+
+def _too_large(function: Function, length: int | None, limit: int) -> Response:
+    size = f"{length} bytes" if length is not None else f"over {limit} bytes"
+    kind = "background" if function.background else "synchronous"
+    return error_response(413, "PayloadTooLarge", f"The request body is {size}; {kind} function "
+                          f"{function.name!r} accepts at most {limit} bytes ({_human(limit)}). Send a smaller body.")
+
+
+def _human(size: int) -> str:
+    return f"{size // (1024 * 1024)} MiB" if size >= 1024 * 1024 else f"{size // 1024} KiB"
+
+
+def _run_sync(state: BgfnState, function: Function, event: dict[str, Any], request_id: str) -> Response:
+    outcome = state.invoker.invoke(function, event, request_id)
+    if outcome.timed_out:
+        return error_response(502, "TimeoutError", outcome.error_message or "")
+    if not outcome.ok:
+        log.error("function %s (request %s) raised %s: %s\n%s", function.name, request_id, outcome.error_type,
+                  outcome.error_message, "".join(outcome.trace or []))
+        return error_response(502, outcome.error_type or "Error", outcome.error_message or "",
+                              trace=outcome.trace if state.settings.dev else None)
+    try:
+        return map_response(outcome.value, head=event["httpMethod"] == "HEAD")
+    except InvalidResponse as exc:
+        log.error("function %s (request %s) returned a bad response: %s", function.name, request_id, exc)
+        return error_response(500, "InvalidResponse", str(exc))
+
+
+def _accept_background(state: BgfnState, function: Function, event: dict[str, Any],
+                       request_id: str) -> Response:
+    try:
+        if state.queue is None:
+            raise QueueUnavailable("this server has no Redis connection (set REDIS_URL)")
+        enqueue_invocation(state.queue, function, event, request_id, state.settings.retry_delays)
+    except QueueUnavailable as exc:
+        log.error("background %s (request %s) refused: %s", function.name, request_id, exc)
+        return error_response(
+            503, "ServiceUnavailable",
+            f"The background invocation of {function.name!r} was not stored: {exc}. Nothing was queued; "
+            f"send it again after {defaults.RETRY_AFTER} seconds.",
+            headers={"Retry-After": str(defaults.RETRY_AFTER)})
+    response = RawResponse(b"", status=202)
+    response.headers.clear()
+    response.headers["Content-Length"] = "0"
+    response.headers[JOB_ID_HEADER] = request_id
+    log.debug("background %s accepted as job %s", function.name, request_id)
+    return response
+
+
+def _ready_view(state: BgfnState) -> Response:
+    if state.redis is None:
+        return error_response(503, "NotReady", "No Redis configured: set REDIS_URL.")
+    try:
+        state.redis.ping()
+    except REDIS_ERRORS as exc:
+        return error_response(503, "NotReady", f"Redis is unreachable: {exc}",
+                              headers={"Retry-After": str(defaults.RETRY_AFTER)})
+    return Response(json.dumps({"status": "ready", "functions": len(state.registry)}), mimetype="application/json")

@@ -1,0 +1,254 @@
+"""The `bgfn` command line. The only place that turns bgfn's exceptions into exit codes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+
+from bgfn import defaults
+from bgfn.config import SiteConfig, load_site
+from bgfn.discovery import Registry, load_registry
+from bgfn.errors import BgfnError, ConfigError, FunctionLoadError, FunctionNotFound, QueueUnavailable, RedisServerError
+from bgfn.event import build_event
+from bgfn.invoke import Invoker
+from bgfn.queue import new_request_id
+from bgfn.response import InvalidResponse, map_response
+from bgfn.settings import SETTINGS, Settings
+
+EXIT_CODES: dict[type[BgfnError], int] = {
+    ConfigError: 2,
+    FunctionNotFound: 2,
+    FunctionLoadError: 3,
+    QueueUnavailable: 4,
+    RedisServerError: 5,
+}
+
+
+class BgfnClickError(click.ClickException):
+    """A bgfn error on its way out of the CLI, with the exit code for its kind."""
+
+    def __init__(self, error: BgfnError) -> None:
+        super().__init__(str(error))
+        code = next((code for cls, code in EXIT_CODES.items() if isinstance(error, cls)), 1)
+        self.exit_code = code  # type: ignore[misc]  # click declares it on the class
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    try:
+        yield
+    except BgfnError as exc:
+        raise BgfnClickError(exc) from None
+
+
+def _settings(ctx: click.Context, **flags: Any) -> Settings:
+    return Settings.load({"site": ctx.obj.get("site"), **flags})
+
+
+def _load(settings: Settings) -> tuple[SiteConfig, Registry]:
+    site = load_site(settings.site)
+    registry, _ = load_registry(site, settings)
+    return site, registry
+
+
+def _setup_logging(settings: Settings) -> None:
+    logging.basicConfig(level=settings.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _settings_help() -> str:
+    return "\n".join(f"  {s.env:<24} {s.help}" for s in SETTINGS)
+
+
+@click.group(epilog="Settings (environment; flags win over them):\n\n" + _settings_help())
+@click.option("--site", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Site folder holding netlify.toml [env BGFN_SITE; default: current folder].")
+@click.version_option(package_name="bgfn")
+@click.pass_context
+def main(ctx: click.Context, site: Path | None) -> None:
+    """bgfn: Netlify-style functions on your own machines."""
+    ctx.obj = {"site": site}
+
+
+def _common(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--redis-url", default=None, help="Redis URL [env REDIS_URL].")(fn)
+    fn = click.option("--queue", default=None, help=f"RQ queue name [env BGFN_QUEUE; default {defaults.QUEUE}].")(fn)
+    fn = click.option("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR [env BGFN_LOG_LEVEL].")(fn)
+    return fn
+
+
+@main.command()
+@click.option("--bind", "-b", default=None, help=f"HOST:PORT to listen on [env BGFN_BIND; default {defaults.BIND}].")
+@click.option("--workers", "-w", "web_workers", type=int, default=None,
+              help=f"gunicorn worker processes [env BGFN_WEB_WORKERS; default {defaults.WEB_WORKERS}].")
+@click.option("--threads", "web_threads", type=int, default=None,
+              help=f"threads per worker process [env BGFN_WEB_THREADS; default {defaults.WEB_THREADS}].")
+@_common
+@click.pass_context
+def serve(ctx: click.Context, **flags: Any) -> None:
+    """Serve the functions over HTTP with gunicorn."""
+    from bgfn.server import GunicornServer
+
+    with _errors():
+        settings = _settings(ctx, **flags)
+        _check_counts(settings)
+        _setup_logging(settings)
+        _, registry = _load(settings)
+        background = [f.name for f in registry if f.background]
+        if background and not settings.redis_url:
+            raise ConfigError(f"REDIS_URL is not set, but background functions need Redis "
+                              f"({', '.join(background)}). Set REDIS_URL=redis://HOST:PORT/0, or run "
+                              "`bgfn dev`, which starts an embedded Redis.")
+        for warning in registry.warnings:
+            logging.getLogger("bgfn").warning("%s", warning)
+    GunicornServer(settings, registry).run()
+
+
+def _check_counts(settings: Settings) -> None:
+    for name, value in (("--workers", settings.web_workers), ("--threads", settings.web_threads),
+                        ("--processes", settings.worker_processes)):
+        if value < 1:
+            raise ConfigError(f"option {name} is {value}: expected a whole number >= 1.")
+
+
+@main.command()
+@click.option("--processes", "-n", "worker_processes", type=int, default=None,
+              help=f"RQ worker processes [env BGFN_WORKER_PROCESSES; default {defaults.WORKER_PROCESSES}].")
+@click.option("--burst", is_flag=True, help="Run the jobs waiting now, then exit.")
+@_common
+@click.pass_context
+def worker(ctx: click.Context, burst: bool, **flags: Any) -> None:
+    """Run RQ workers for background functions."""
+    from bgfn.queue import connect
+    from bgfn.worker import run_workers
+
+    with _errors():
+        settings = _settings(ctx, **flags)
+        _check_counts(settings)
+        _setup_logging(settings)
+        if not settings.redis_url:
+            raise ConfigError("REDIS_URL is not set: workers take jobs from Redis. Set "
+                              "REDIS_URL=redis://HOST:PORT/0 (the same as the web server's).")
+        _, registry = _load(settings)
+        connection = connect(settings.redis_url)
+        run_workers(settings, registry, connection, burst=burst)
+
+
+@main.command()
+@click.option("--bind", "-b", default=None, help=f"HOST:PORT to listen on [default {defaults.BIND}].")
+@click.option("--redis-url", default=None, help="Redis URL; without one an embedded Redis is started.")
+@click.pass_context
+def dev(ctx: click.Context, **flags: Any) -> None:
+    """Web + worker (+ embedded Redis), reloaded when functions change."""
+    from bgfn.dev import DevSupervisor
+
+    with _errors():
+        settings = _settings(ctx, **flags).replace(dev=True)
+        site, registry = _load(settings)  # fail fast on broken functions
+        for warning in registry.warnings:
+            click.echo(f"warning: {warning}", err=True)
+        DevSupervisor(settings, site).run()
+
+
+@main.command()
+@click.pass_context
+def check(ctx: click.Context) -> None:
+    """Load every function and report every problem at once."""
+    with _errors():
+        settings = _settings(ctx)
+        site = load_site(settings.site)
+        registry, problems = load_registry(site, settings, collect=True)
+    click.echo(f"config: {site.config_file or '(none)'}")
+    click.echo(f"functions directory: {site.functions_dir or '(none)'} ({site.functions_dir_source})")
+    for function in registry:
+        click.echo(f"ok: {function.name} ({function.kind}, timeout {function.timeout:g} s)")
+    for warning in registry.warnings:
+        click.echo(f"warning: {warning}")
+    for problem in problems:
+        click.echo(f"error: {problem}")
+    if problems:
+        raise BgfnClickError(FunctionLoadError(problems))
+    click.echo(f"{len(registry)} function{'s' if len(registry) != 1 else ''} ok")
+
+
+@main.command("list")
+@click.pass_context
+def list_functions(ctx: click.Context) -> None:
+    """List the functions: name, kind, file."""
+    with _errors():
+        settings = _settings(ctx)
+        site, registry = _load(settings)
+    rows = [(f.name, f.kind, str(f.path.relative_to(site.site_dir))) for f in registry]
+    width = max([len(r[0]) for r in rows] + [4])
+    click.echo(f"{'NAME':<{width}}  {'KIND':<10}  FILE")
+    for name, kind, path in rows:
+        click.echo(f"{name:<{width}}  {kind:<10}  {path}")
+
+
+@main.command()
+@click.argument("name")
+@click.option("--method", "-X", default=None, help="HTTP method [default GET, or POST with --data].")
+@click.option("--data", "-d", default=None, help="Request body (text); @FILE reads a file.")
+@click.option("--header", "-H", "headers", multiple=True, help="'Name: value' header; repeatable.")
+@click.option("--path", "subpath", default="", help="Sub-path after the function name, e.g. /items/1.")
+@click.option("--query", default="", help="Query string, e.g. 'a=1&b=2'.")
+@click.pass_context
+def invoke(ctx: click.Context, name: str, method: str | None, data: str | None, headers: tuple[str, ...],
+           subpath: str, query: str) -> None:
+    """Call one function in-process and print its answer, like curl -i without a server."""
+    with _errors():
+        settings = _settings(ctx)
+        _, registry = _load(settings)
+        function = registry.get(name)
+        body = _read_data(data)
+        pairs = []
+        for header in headers:
+            key, sep, value = header.partition(":")
+            if not sep or not key.strip():
+                raise ConfigError(f"--header {header!r}: expected 'Name: value'.")
+            pairs.append((key.strip(), value.strip()))
+        if body is not None and not any(k.lower() == "content-type" for k, _ in pairs):
+            pairs.append(("content-type", "text/plain"))
+        path = f"/.netlify/functions/{name}" + ("/" + subpath.lstrip("/") if subpath else "")
+        event = build_event(method=(method or ("POST" if body is not None else "GET")).upper(), path=path,
+                            query=query.lstrip("?"), headers=[("host", "localhost"), *pairs], body=body,
+                            scheme="http", host="localhost", client_ip="127.0.0.1")
+        outcome = Invoker().invoke(function, event, new_request_id())
+    if not outcome.ok:
+        click.echo(json.dumps({"errorType": outcome.error_type, "errorMessage": outcome.error_message}))
+        if outcome.trace:
+            click.echo("".join(outcome.trace), err=True)
+        sys.exit(1)
+    if function.background:
+        click.echo(f"background function {name} returned: {json.dumps(outcome.value, default=repr)}")
+        return
+    try:
+        response = map_response(outcome.value, head=event["httpMethod"] == "HEAD")
+    except InvalidResponse as exc:
+        click.echo(json.dumps({"errorType": "InvalidResponse", "errorMessage": str(exc)}))
+        sys.exit(1)
+    click.echo(f"HTTP {response.status}")
+    for key, value in response.headers.items():
+        click.echo(f"{key}: {value}")
+    click.echo("")
+    sys.stdout.flush()
+    sys.stdout.buffer.write(response.get_data())
+    sys.stdout.buffer.flush()
+
+
+def _read_data(data: str | None) -> bytes | None:
+    if data is None:
+        return None
+    if data.startswith("@"):
+        try:
+            return Path(data[1:]).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"--data {data!r}: cannot read the file ({exc}).") from None
+    return data.encode("utf-8")

@@ -1,0 +1,74 @@
+"""Every default bgfn uses, in one place, each with its unit.
+
+The CLI, the settings table and the README all read these constants; change a default here and
+nowhere else.
+"""
+
+from __future__ import annotations
+
+FUNCTIONS_DIR = "netlify/functions"
+"""Functions directory (relative to the site folder) when netlify.toml names none."""
+
+CONFIG_FILES = ("netlify.toml", "netlify.yaml", "netlify.yml")
+"""Site configuration files, in the order they are looked for (the first found is read)."""
+
+BGFN_CONFIG_FILE = "bgfn.toml"
+"""bgfn's own per-function settings, beside netlify.toml (keys Netlify does not know)."""
+
+BIND = "127.0.0.1:8888"
+"""Address `bgfn serve` listens on: loopback only unless the operator says otherwise."""
+
+WEB_WORKERS = 2
+"""gunicorn worker processes for `bgfn serve` (count)."""
+
+WEB_THREADS = 4
+"""Threads per gunicorn worker process (count); requests in flight per process."""
+
+WORKER_PROCESSES = 1
+"""RQ worker processes started by one `bgfn worker` (count)."""
+
+QUEUE = "bgfn"
+"""Name of the RQ queue background invocations go to."""
+
+SYNC_TIMEOUT = 30.0
+"""Time limit of a synchronous invocation (seconds)."""
+
+BACKGROUND_TIMEOUT = 900
+"""Hard time limit of a background run (seconds): Netlify's 15 minutes."""
+
+RETRY_DELAYS = (60, 120)
+"""Delays before each retry of a background function that raised (seconds): Netlify's."""
+
+SYNC_BODY_LIMIT = 6 * 1024 * 1024
+"""Largest request body of a synchronous invocation (bytes): 6 MiB."""
+
+BACKGROUND_BODY_LIMIT = 256 * 1024
+"""Largest request body of a background invocation (bytes): 256 KiB."""
+
+RETRY_AFTER = 5
+"""`Retry-After` sent with a 503 when Redis cannot take an invocation (seconds)."""
+
+REDIS_SOCKET_TIMEOUT = 5.0
+"""How long a Redis command or connect may take before the web answers 503 (seconds)."""
+
+RESULT_TTL = 7 * 24 * 3600
+"""How long the result of a finished background job is kept in Redis (seconds)."""
+
+FAILURE_TTL = 30 * 24 * 3600
+"""How long a failed background job is kept in Redis's failed list (seconds)."""
+
+HARD_KILL_GRACE = 5
+"""Extra time gunicorn gives a stuck request over its function's timeout before killing the
+process (seconds); the request is answered 502 at the timeout, this is only the backstop."""
+
+DEV_DATA_DIR = ".bgfn"
+"""Project-local folder `bgfn dev` keeps its embedded Redis data in (relative to the site)."""
+
+REDIS_START_TIMEOUT = 20.0
+"""How long to wait for an embedded Redis server to answer PING (seconds)."""
+
+RELOAD_POLL_INTERVAL = 1.0
+"""How often `bgfn dev` looks for changed function files (seconds)."""
+
+LOG_LEVEL = "INFO"
+"""Log level of bgfn's own loggers."""

@@ -1,0 +1,72 @@
+"""The queue: Redis connections and storing background invocations as RQ jobs.
+
+Jobs use RQ's JSON serializer (never pickle). A job's function is :func:`bgfn.worker.run_job`,
+its arguments the function name, the event and the invocation's metadata, so any worker that
+loads the same functions can rebuild the event.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import redis
+from rq import Queue, Retry
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from bgfn import defaults
+from bgfn.discovery import Function
+from bgfn.errors import ConfigError, QueueUnavailable
+
+JOB_FUNCTION = "bgfn.worker.run_job"
+
+REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+                redis.exceptions.BusyLoadingError, redis.exceptions.ReadOnlyError,
+                redis.exceptions.ResponseError)
+
+
+def connect(url: str) -> redis.Redis:
+    """A Redis client for `url` with bounded timeouts, so an unreachable Redis fails fast."""
+    try:
+        return redis.Redis.from_url(url, socket_connect_timeout=defaults.REDIS_SOCKET_TIMEOUT,
+                                    socket_timeout=defaults.REDIS_SOCKET_TIMEOUT, health_check_interval=30)
+    except ValueError as exc:
+        raise ConfigError(f"REDIS_URL {url!r} is not a Redis URL ({exc}). Use e.g. redis://127.0.0.1:6379/0 "
+                          "or unix:///path/to/redis.sock.") from None
+
+
+def make_queue(connection: redis.Redis, name: str) -> Queue:
+    return Queue(name, connection=connection, serializer=JSONSerializer)
+
+
+def new_request_id() -> str:
+    return str(uuid.uuid4())
+
+
+def retry_policy(delays: tuple[int, ...]) -> Retry | None:
+    return Retry(max=len(delays), interval=list(delays)) if delays else None
+
+
+def enqueue_invocation(queue: Queue, function: Function, event: dict[str, Any], request_id: str,
+                       retry_delays: tuple[int, ...]) -> Job:
+    """Store one background invocation; returns only once Redis has it.
+
+    Raises :class:`QueueUnavailable` when Redis cannot take it.
+    """
+    meta = {"request_id": request_id, "accepted_at": time.time()}
+    try:
+        return queue.enqueue_call(
+            JOB_FUNCTION,
+            args=(function.name, event, meta),
+            timeout=max(1, int(round(function.timeout))),
+            result_ttl=defaults.RESULT_TTL,
+            failure_ttl=defaults.FAILURE_TTL,
+            description=function.name,
+            job_id=request_id,
+            retry=retry_policy(retry_delays),
+            meta={"function": function.name},
+        )
+    except REDIS_ERRORS as exc:
+        raise QueueUnavailable(f"Redis did not take the job: {type(exc).__name__}: {exc}") from exc

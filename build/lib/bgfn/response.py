@@ -1,0 +1,124 @@
+"""Turning a handler's return value into an HTTP answer (CONTRACT §5), and every JSON error body."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from werkzeug.wrappers import Response
+
+# Headers the server owns: a function's values would corrupt the framing of the answer.
+SERVER_HEADERS = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive", "upgrade",
+                            "proxy-connection", "te", "trailer"})
+TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+NO_BODY_STATUSES = frozenset({204, 304})
+
+
+class InvalidResponse(Exception):
+    """The handler returned something that is not a valid response; the message says what."""
+
+
+class RawResponse(Response):
+    """A response that adds no content type of its own."""
+
+    default_mimetype = None
+
+
+def error_response(status: int, error_type: str, message: str, *, trace: list[str] | None = None,
+                   headers: Mapping[str, str] | None = None) -> Response:
+    """The one place a JSON error body is built: `{"errorType", "errorMessage"[, "trace"]}`."""
+    payload: dict[str, Any] = {"errorType": error_type, "errorMessage": message}
+    if trace is not None:
+        payload["trace"] = trace
+    response = Response(json.dumps(payload), status=status, mimetype="application/json")
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+def text_response(status: int, text: str) -> Response:
+    """A plain-text answer (the CLI's 404 and 400 bodies)."""
+    return Response(text, status=status, mimetype="text/plain")
+
+
+def _header_text(name: str, value: Any) -> str:
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, int | float):
+        text = str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+    elif isinstance(value, str):
+        text = value
+    else:
+        raise InvalidResponse(f"Your function response headers must be strings, numbers or booleans. "
+                              f"Header {name!r} has: {value!r}")
+    if "\r" in text or "\n" in text or "\0" in text:
+        raise InvalidResponse(f"Your function response header {name!r} contains a line break: {text!r}")
+    return text
+
+
+def _check_name(name: Any) -> str:
+    if not isinstance(name, str) or not TOKEN.match(name):
+        raise InvalidResponse(f"Your function response has an invalid header name: {name!r}")
+    return name
+
+
+def map_response(result: Any, *, head: bool = False) -> Response:
+    """Build the answer for a handler's return value, or raise :class:`InvalidResponse`."""
+    if result is None:
+        raise InvalidResponse("lambda response was None. check your function code again")
+    if not isinstance(result, Mapping):
+        raise InvalidResponse(f"Your function response must be an object (a dict). You gave: {result!r}")
+    status = result.get("statusCode")
+    if isinstance(status, float) and status.is_integer():
+        status = int(status)
+    if not isinstance(status, int) or isinstance(status, bool):
+        raise InvalidResponse(f"Your function response must have a numerical statusCode. You gave: {status!r}")
+    if not 100 <= status <= 599:
+        raise InvalidResponse(f"Your function response must have a statusCode between 100 and 599. "
+                              f"You gave: {status!r}")
+    body = result.get("body")
+    if body is not None and not isinstance(body, str):
+        raise InvalidResponse(f"Your function response must have a string body. You gave: {body!r}")
+    data = b""
+    if body:
+        if result.get("isBase64Encoded"):
+            try:
+                data = base64.b64decode(body, validate=True)
+            except (binascii.Error, ValueError):
+                raise InvalidResponse("Your function response has isBase64Encoded set but its body is not "
+                                      "valid base64.") from None
+        else:
+            data = body.encode("utf-8")
+
+    pairs: dict[str, list[tuple[str, str]]] = {}
+    headers = result.get("headers") or {}
+    multi = result.get("multiValueHeaders") or {}
+    if not isinstance(headers, Mapping):
+        raise InvalidResponse(f"Your function response headers must be an object. You gave: {headers!r}")
+    if not isinstance(multi, Mapping):
+        raise InvalidResponse(f"Your function response multiValueHeaders must be an object. You gave: {multi!r}")
+    for name, value in headers.items():
+        pairs[_check_name(name).lower()] = [(name, _header_text(name, value))]
+    for name, values in multi.items():
+        if not isinstance(values, list | tuple):
+            raise InvalidResponse(f"Your function response multiValueHeaders must map names to lists. "
+                                  f"Header {name!r} has: {values!r}")
+        pairs[_check_name(name).lower()] = [(name, _header_text(name, v)) for v in values]
+
+    no_body = head or status in NO_BODY_STATUSES
+    response = RawResponse(b"" if no_body else data, status=status)
+    response.headers.clear()
+    for lowered, items in pairs.items():
+        if lowered in SERVER_HEADERS:
+            continue
+        for name, text in items:
+            response.headers.add(name, text)
+    if head and data:
+        response.headers["Content-Length"] = str(len(data))
+    elif status not in NO_BODY_STATUSES:
+        response.headers["Content-Length"] = str(len(data))
+    return response

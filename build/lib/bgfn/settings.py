@@ -1,0 +1,201 @@
+"""Server settings: one table, one precedence.
+
+Each setting has a default (from :mod:`bgfn.defaults`), an environment variable and, for most, a
+command-line flag. Precedence, lowest to highest:
+
+1. the default in :mod:`bgfn.defaults`;
+2. the environment variable (`REDIS_URL`, `BGFN_*`);
+3. the command-line flag.
+
+Server settings never live in netlify.toml: Netlify reads every unknown key under `[functions]`
+as a function name, so the same file must stay valid for Netlify.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bgfn import defaults
+from bgfn.errors import ConfigError
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise ValueError
+    return value
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError
+
+
+def _delays(text: str) -> tuple[int, ...]:
+    if not text.strip():
+        return ()
+    values = tuple(int(part) for part in text.split(","))
+    if any(v < 0 for v in values):
+        raise ValueError
+    return values
+
+
+def _bind(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError
+    return text
+
+
+def _networks(text: str) -> tuple[Network, ...]:
+    return tuple(ipaddress.ip_network(p.strip(), strict=False) for p in text.split(",") if p.strip())
+
+
+def _text(text: str) -> str:
+    if not text.strip():
+        raise ValueError
+    return text.strip()
+
+
+def _log_level(text: str) -> str:
+    level = text.strip().upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ValueError
+    return level
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of the settings table."""
+
+    name: str
+    env: str
+    parse: Callable[[str], Any]
+    expected: str
+    example: str
+    help: str
+    flag: str | None = None
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("site", "BGFN_SITE", Path, "a folder", "BGFN_SITE=./my-site",
+            "Site folder: the one holding netlify.toml.", "--site"),
+    Setting("redis_url", "REDIS_URL", _text, "a Redis URL", "REDIS_URL=redis://127.0.0.1:6379/0",
+            "Redis for background jobs. `bgfn dev` starts an embedded one when unset.", "--redis-url"),
+    Setting("bind", "BGFN_BIND", _bind, "HOST:PORT", "BGFN_BIND=127.0.0.1:8888",
+            "Address `bgfn serve` listens on.", "--bind"),
+    Setting("web_workers", "BGFN_WEB_WORKERS", _positive_int, "a whole number >= 1", "BGFN_WEB_WORKERS=4",
+            "gunicorn worker processes of `bgfn serve`.", "--workers"),
+    Setting("web_threads", "BGFN_WEB_THREADS", _positive_int, "a whole number >= 1", "BGFN_WEB_THREADS=4",
+            "Threads per gunicorn worker process.", "--threads"),
+    Setting("worker_processes", "BGFN_WORKER_PROCESSES", _positive_int, "a whole number >= 1",
+            "BGFN_WORKER_PROCESSES=2", "RQ worker processes of one `bgfn worker`.", "--processes"),
+    Setting("queue", "BGFN_QUEUE", _text, "a queue name", "BGFN_QUEUE=bgfn",
+            "RQ queue background invocations go to.", "--queue"),
+    Setting("sync_timeout", "BGFN_SYNC_TIMEOUT", _positive_float, "a number of seconds > 0",
+            "BGFN_SYNC_TIMEOUT=30", "Default time limit of a synchronous invocation (seconds).", None),
+    Setting("background_timeout", "BGFN_BACKGROUND_TIMEOUT", _positive_int, "a whole number of seconds >= 1",
+            "BGFN_BACKGROUND_TIMEOUT=900", "Hard time limit of a background run (seconds).", None),
+    Setting("retry_delays", "BGFN_RETRY_DELAYS", _delays, "comma-separated whole seconds (or empty)",
+            "BGFN_RETRY_DELAYS=60,120",
+            "Delays before each retry of a background function that raised; empty means no retries.", None),
+    Setting("dev", "BGFN_DEV", _bool, "true or false", "BGFN_DEV=true",
+            "Development mode: error traces in 502 answers.", None),
+    Setting("trusted_proxies", "BGFN_TRUSTED_PROXIES", _networks, "comma-separated IPs or CIDRs",
+            "BGFN_TRUSTED_PROXIES=127.0.0.1,10.0.0.0/8",
+            "Peers whose X-Forwarded-For sets the client-ip header.", None),
+    Setting("log_level", "BGFN_LOG_LEVEL", _log_level, "DEBUG, INFO, WARNING or ERROR", "BGFN_LOG_LEVEL=INFO",
+            "Level of bgfn's log lines.", "--log-level"),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved server settings. Build with :meth:`load`; every field has a default."""
+
+    site: Path = Path(".")
+    redis_url: str | None = None
+    bind: str = defaults.BIND
+    web_workers: int = defaults.WEB_WORKERS
+    web_threads: int = defaults.WEB_THREADS
+    worker_processes: int = defaults.WORKER_PROCESSES
+    queue: str = defaults.QUEUE
+    sync_timeout: float = defaults.SYNC_TIMEOUT
+    background_timeout: int = defaults.BACKGROUND_TIMEOUT
+    retry_delays: tuple[int, ...] = defaults.RETRY_DELAYS
+    dev: bool = False
+    trusted_proxies: tuple[Network, ...] = field(default_factory=tuple)
+    log_level: str = defaults.LOG_LEVEL
+
+    @classmethod
+    def load(cls, flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+        """Resolve defaults, then the environment, then command-line flags (a None flag is unset)."""
+        import os
+
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for setting in SETTINGS:
+            raw = env.get(setting.env)
+            if raw is not None and (raw.strip() or setting.name == "retry_delays"):
+                values[setting.name] = _parse(setting, raw, "environment variable " + setting.env)
+        for name, value in (flags or {}).items():
+            if value is None:
+                continue
+            setting = _by_name(name)
+            if isinstance(value, str):
+                value = _parse(setting, value, f"option {setting.flag or name}")
+            values[name] = value
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    def as_environ(self) -> dict[str, str]:
+        """The environment variables that reproduce these settings in a child process."""
+        env: dict[str, str] = {}
+        for setting in SETTINGS:
+            value = getattr(self, setting.name)
+            if value is None:
+                continue
+            if isinstance(value, bool):
+                text = "true" if value else "false"
+            elif isinstance(value, tuple):
+                text = ",".join(str(v) for v in value)
+            else:
+                text = str(value)
+            env[setting.env] = text
+        return env
+
+
+def _by_name(name: str) -> Setting:
+    for setting in SETTINGS:
+        if setting.name == name:
+            return setting
+    raise KeyError(name)
+
+
+def _parse(setting: Setting, raw: str, where: str) -> Any:
+    try:
+        return setting.parse(raw)
+    except ValueError:
+        raise ConfigError(
+            f"{where} is {raw!r}: expected {setting.expected}. Fix it, e.g. {setting.example}"
+        ) from None
