@@ -14,7 +14,7 @@ import click
 
 from bgfn import defaults
 from bgfn.config import SiteConfig, load_site
-from bgfn.discovery import Registry, load_registry
+from bgfn.discovery import Registry, load_registry, shown_path
 from bgfn.errors import BgfnError, ConfigError, FunctionLoadError, FunctionNotFound, QueueUnavailable, RedisServerError
 from bgfn.event import build_event
 from bgfn.invoke import Invoker
@@ -185,7 +185,7 @@ def list_functions(ctx: click.Context) -> None:
     with _errors():
         settings = _settings(ctx)
         site, registry = _load(settings)
-    rows = [(f.name, f.kind, str(f.path.relative_to(site.site_dir))) for f in registry]
+    rows = [(f.name, f.kind, shown_path(f.path, site.site_dir)) for f in registry]
     width = max([len(r[0]) for r in rows] + [4])
     click.echo(f"{'NAME':<{width}}  {'KIND':<10}  FILE")
     for name, kind, path in rows:

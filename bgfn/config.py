@@ -115,7 +115,8 @@ def load_site(site_dir: Path) -> SiteConfig:
     rules: list[FunctionRule] = []
     for key, value in functions.items():
         if isinstance(value, dict):
-            rules.append(_rule(key, value, name, NETLIFY_TOML_KEYS, strict=False, warnings=warnings))
+            # str(): YAML reads `404:` as a number, but a pattern is always a name.
+            rules.append(_rule(str(key), value, name, NETLIFY_TOML_KEYS, strict=False, warnings=warnings))
         elif key not in NETLIFY_FUNCTION_KEYS:
             raise ConfigError(
                 f"{name}: [functions] {key} = {value!r}: Netlify reads unknown keys under [functions] as "
@@ -178,7 +179,10 @@ def _rule(pattern: str, values: dict[str, Any], file: str, known: frozenset[str]
         if key not in known:
             if strict:
                 raise ConfigError(f"{where} {key}: unknown key. Known keys: {', '.join(sorted(known))}.")
-            if key not in NETLIFY_FUNCTION_KEYS:
+            if key in BGFN_TOML_KEYS:
+                warnings.append(f"{where} {key}: ignored here; bgfn reads it from {defaults.BGFN_CONFIG_FILE} "
+                                f'(beside {file}), under [functions."{pattern}"]')
+            elif key not in NETLIFY_FUNCTION_KEYS:
                 warnings.append(f"{where} {key}: not used by bgfn, ignored")
             continue
         settings[key] = validate_function_setting(key, value, where)

@@ -64,7 +64,8 @@ class Registry:
         try:
             return self.functions[name]
         except KeyError:
-            raise FunctionNotFound(name) from None
+            raise FunctionNotFound(f"no function named {name!r}: `bgfn list` shows this site's functions "
+                                   "(names are case-sensitive).") from None
 
     def __contains__(self, name: object) -> bool:
         return name in self.functions
@@ -88,6 +89,7 @@ def find_functions(functions_dir: Path) -> tuple[list[FunctionSource], list[str]
             name = entry.name
             module = next((entry / c for c in (f"{name}.py", "index.py") if (entry / c).is_file()), None)
             if module is None:
+                notes.append(f"{entry.name}/: holds neither {name}.py nor index.py, skipped")
                 continue
         elif entry.suffix == ".py":
             name, module = entry.stem, entry
@@ -129,7 +131,7 @@ def load_registry(site: SiteConfig, settings: Settings, *, collect: bool = False
 
 def load_function(source: FunctionSource, site: SiteConfig, settings: Settings) -> Function:
     """Import one function module and resolve its settings."""
-    shown = _shown_path(source.path, site.site_dir)
+    shown = shown_path(source.path, site.site_dir)
     module = _import(source, shown)
     handler = getattr(module, "handler", None)
     if handler is None:
@@ -171,7 +173,8 @@ def _import(source: FunctionSource, shown: str) -> types.ModuleType:
         root = types.ModuleType(MODULE_PREFIX)
         root.__path__ = []
         sys.modules[MODULE_PREFIX] = root
-    safe = source.name.replace("-", "_")
+    # The name as is: replacing "-" by "_" would give `a-b` and `a_b` one module (and one helper cache).
+    safe = source.name
     if source.path.parent.name == source.name and source.path.parent != source.path:
         # A folder function: make the folder a package so `from . import helper` works.
         package_name = f"{MODULE_PREFIX}.{safe}"
@@ -212,7 +215,8 @@ def _ensure_import_path(functions_dir: Path) -> None:
         sys.path.insert(0, entry)
 
 
-def _shown_path(path: Path, base: Path) -> str:
+def shown_path(path: Path, base: Path) -> str:
+    """`path` relative to `base` when it is inside it, else absolute: how files are named to users."""
     try:
         return str(path.relative_to(base))
     except ValueError:
