@@ -15,6 +15,8 @@ from werkzeug.wrappers import Response
 SERVER_HEADERS = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive", "upgrade",
                             "proxy-connection", "te", "trailer"})
 TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# What HTTP (and gunicorn) accept in a header value: visible Latin-1 text, spaces and tabs.
+HEADER_VALUE = re.compile(r"^[ \t\x21-\x7e\x80-\xff]*$")
 NO_BODY_STATUSES = frozenset({204, 304})
 
 
@@ -57,6 +59,9 @@ def _header_text(name: str, value: Any) -> str:
                               f"Header {name!r} has: {value!r}")
     if "\r" in text or "\n" in text or "\0" in text:
         raise InvalidResponse(f"Your function response header {name!r} contains a line break: {text!r}")
+    if not HEADER_VALUE.match(text):
+        raise InvalidResponse(f"Your function response header {name!r} has characters HTTP cannot carry in a "
+                              f"header (control characters, or text beyond Latin-1): {text!r}")
     return text
 
 
