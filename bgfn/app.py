@@ -17,7 +17,9 @@ from rq import Queue
 from werkzeug.routing import Rule
 from werkzeug.wrappers import Response
 
-from bgfn import defaults
+from bgfn import admin, defaults, idempotency
+from bgfn.admin import status_url
+from bgfn.callbacks import CALLBACK_HEADER, CallbackRejected, check_url
 from bgfn.discovery import NAME_RULE, Function, Registry
 from bgfn.errors import QueueUnavailable
 from bgfn.event import build_event
@@ -33,6 +35,8 @@ BGFN_PREFIX = "/.bgfn/"
 NOT_FOUND_TEXT = "Function not found..."
 BAD_NAME_TEXT = "Function name should consist only of alphanumeric characters, hyphen & underscores."
 JOB_ID_HEADER = "X-Bgfn-Job-Id"
+REPEAT_HEADER = "X-Bgfn-Idempotent-Replay"
+IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 # Set per request by the gunicorn hook (bgfn.server): the raw header list and the worker.
 request_local = threading.local()
@@ -66,6 +70,7 @@ def create_app(settings: Settings, registry: Registry, connection: redis.Redis |
     app.view_functions["function"] = lambda rest="": _function_view(state)
     app.add_url_rule("/.bgfn/health", "health", lambda: {"status": "ok"})
     app.add_url_rule("/.bgfn/ready", "ready", lambda: _ready_view(state))
+    admin.register(app, state)
 
     @app.errorhandler(404)
     def _not_found(_: Exception) -> Response:
@@ -176,25 +181,61 @@ def _run_sync(state: BgfnState, function: Function, event: dict[str, Any], reque
         return error_response(500, "InvalidResponse", str(exc))
 
 
-def _accept_background(state: BgfnState, function: Function, event: dict[str, Any],
-                       request_id: str) -> Response:
-    try:
-        if state.queue is None:
-            raise QueueUnavailable("this server has no Redis connection (set REDIS_URL)")
-        enqueue_invocation(state.queue, function, event, request_id, state.settings.retry_delays)
-    except QueueUnavailable as exc:
-        log.error("background %s (request %s) refused: %s", function.name, request_id, exc)
-        return error_response(
-            503, "ServiceUnavailable",
-            f"The background invocation of {function.name!r} was not stored: {exc}. Nothing was queued; "
-            f"send it again after {defaults.RETRY_AFTER} seconds.",
-            headers={"Retry-After": str(defaults.RETRY_AFTER)})
+def _unavailable(function: Function, reason: object) -> Response:
+    return error_response(
+        503, "ServiceUnavailable",
+        f"The background invocation of {function.name!r} was not stored: {reason}. Nothing was queued; "
+        f"send it again after {defaults.RETRY_AFTER} seconds.",
+        headers={"Retry-After": str(defaults.RETRY_AFTER)})
+
+
+def _accepted(job_id: str, *, repeat: bool = False) -> Response:
     response = RawResponse(b"", status=202)
     response.headers.clear()
     response.headers["Content-Length"] = "0"
-    response.headers[JOB_ID_HEADER] = request_id
-    log.debug("background %s accepted as job %s", function.name, request_id)
+    response.headers[JOB_ID_HEADER] = job_id
+    response.headers["Location"] = status_url(job_id)
+    if repeat:
+        response.headers[REPEAT_HEADER] = "true"
     return response
+
+
+def _accept_background(state: BgfnState, function: Function, event: dict[str, Any],
+                       request_id: str) -> Response:
+    settings = state.settings
+    callback_url = request.headers.get(CALLBACK_HEADER)
+    if callback_url is not None:
+        try:
+            check_url(callback_url.strip(), settings.callback_hosts, settings.callback_secret)
+        except CallbackRejected as exc:
+            return error_response(400, "CallbackRejected", f"{exc} Nothing was queued.")
+    key = request.headers.get(IDEMPOTENCY_HEADER)
+    if state.queue is None:
+        return _unavailable(function, "this server has no Redis connection (set REDIS_URL)")
+    try:
+        if key is not None:
+            holder = idempotency.claim(state.queue.connection, function.name, key, request_id,
+                                       settings.idempotency_window)
+            if holder is not None:
+                if idempotency.wait_stored(state.queue.connection, holder, defaults.IDEMPOTENCY_WAIT):
+                    return _accepted(holder, repeat=True)
+                return error_response(409, "IdempotencyConflict", f"A request with Idempotency-Key {key[:60]!r} "
+                                      "is still being stored; send it again in a moment.",
+                                      headers={"Retry-After": "1"})
+        enqueue_invocation(state.queue, function, event, request_id,
+                           callback_url=callback_url.strip() if callback_url else None)
+    except idempotency.IdempotencyKeyError as exc:
+        return error_response(400, "BadIdempotencyKey", str(exc))
+    except (QueueUnavailable, *REDIS_ERRORS) as exc:
+        log.error("background %s (request %s) refused: %s", function.name, request_id, exc)
+        if key is not None:
+            try:
+                idempotency.release(state.queue.connection, function.name, key, request_id)
+            except REDIS_ERRORS:
+                pass
+        return _unavailable(function, exc)
+    log.debug("background %s accepted as job %s", function.name, request_id)
+    return _accepted(request_id)
 
 
 def _ready_view(state: BgfnState) -> Response:

@@ -16,6 +16,7 @@ import yaml
 
 from bgfn import defaults
 from bgfn.errors import ConfigError
+from bgfn.retry import RETRY_KEYS, validate_retry_setting
 
 # Keys Netlify itself reads under [functions] (for every function) or [functions."NAME"].
 NETLIFY_FUNCTION_KEYS = frozenset(
@@ -24,7 +25,7 @@ NETLIFY_FUNCTION_KEYS = frozenset(
 )
 # Keys bgfn reads for a function, and where each may be set.
 NETLIFY_TOML_KEYS = frozenset({"background", "schedule"})
-BGFN_TOML_KEYS = frozenset({"background", "timeout"})
+BGFN_TOML_KEYS = frozenset({"background", "timeout"}) | RETRY_KEYS
 
 
 @dataclass(frozen=True)
@@ -199,6 +200,8 @@ def validate_function_setting(key: str, value: Any, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
             raise ConfigError(f"{where} timeout = {value!r}: expected a number of seconds > 0, e.g. timeout = 30.")
         return float(value)
+    if key in RETRY_KEYS:
+        return validate_retry_setting(key, value, where)
     if key == "schedule":
         if not isinstance(value, str) or not value.strip():
             raise ConfigError(f'{where} schedule = {value!r}: expected a cron expression, e.g. "@hourly".')

@@ -57,6 +57,27 @@ RESULT_TTL = 7 * 24 * 3600
 FAILURE_TTL = 30 * 24 * 3600
 """How long a failed background job is kept in Redis's failed list (seconds)."""
 
+IDEMPOTENCY_WINDOW = 24 * 3600
+"""How long an `Idempotency-Key` is remembered for a function (seconds)."""
+
+IDEMPOTENCY_WAIT = 2.0
+"""How long a repeated request waits for the first one's job to be stored (seconds)."""
+
+CALLBACK_RETRY_DELAYS = (10, 60, 300, 1800)
+"""Delays before each new try of a failed completion-callback delivery (seconds)."""
+
+LOST_JOB_TIMEOUT = 30
+"""A running job whose worker stopped heartbeating for this long is treated as lost and retried
+(seconds). Workers heartbeat every sixth of it and look for lost jobs every third of it."""
+
+SHUTDOWN_GRACE = 30
+"""How long a worker told to stop (SIGTERM) lets its running job finish before handing the job
+back to the queue (seconds)."""
+
+JOB_LOG_LIMIT = 64 * 1024
+"""Most of what a background run printed or logged that its job record keeps (characters; the
+end is kept)."""
+
 HARD_KILL_GRACE = 5
 """Extra time gunicorn gives a stuck request over its function's timeout before killing the
 process (seconds); the request is answered 502 at the timeout, this is only the backstop."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import os
 import re
 import sys
 import traceback
@@ -20,12 +21,13 @@ from typing import Any
 
 from bgfn.config import SiteConfig, validate_function_setting
 from bgfn.errors import ConfigError, FunctionLoadError, FunctionNotFound
+from bgfn.retry import RETRY_KEYS, RetryPolicy, default_policy, policy_from_settings
 from bgfn.settings import Settings
 
 NAME_RULE = re.compile(r"^[A-Za-z0-9_-]+$")
 BACKGROUND_SUFFIX = "-background"
 MODULE_PREFIX = "bgfn_functions"
-CODE_CONFIG_KEYS = frozenset({"background", "schedule", "timeout"})
+CODE_CONFIG_KEYS = frozenset({"background", "schedule", "timeout"}) | RETRY_KEYS
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class Function:
     background: bool
     timeout: float
     settings: dict[str, Any] = field(default_factory=dict)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
 
     @property
     def kind(self) -> str:
@@ -142,8 +145,9 @@ def load_function(source: FunctionSource, site: SiteConfig, settings: Settings) 
                                  "Define `def handler(event, context):`."])
     try:
         merged = _merge_settings(source.name, getattr(module, "config", None), shown, site)
+        retry = policy_from_settings(merged, default_policy(settings.retry_delays))
     except ConfigError as exc:
-        raise FunctionLoadError([str(exc)]) from None
+        raise FunctionLoadError([f"{shown}: {exc}" if not str(exc).startswith(shown) else str(exc)]) from None
     background = source.name.endswith(BACKGROUND_SUFFIX) or bool(merged.get("background", False))
     if background:
         timeout = min(float(merged.get("timeout", settings.background_timeout)), settings.background_timeout)
@@ -151,7 +155,7 @@ def load_function(source: FunctionSource, site: SiteConfig, settings: Settings) 
         timeout = float(merged.get("timeout", settings.sync_timeout))
     return Function(name=source.name, path=source.path, handler=handler,
                     is_async=inspect.iscoroutinefunction(handler), background=background,
-                    timeout=timeout, settings=merged)
+                    timeout=timeout, settings=merged, retry=retry)
 
 
 def _merge_settings(name: str, code_config: object, shown: str, site: SiteConfig) -> dict[str, Any]:
@@ -208,11 +212,30 @@ def _import(source: FunctionSource, shown: str) -> types.ModuleType:
     return module
 
 
+_active_dirs: list[str] = []
+
+
 def _ensure_import_path(functions_dir: Path) -> None:
-    """Put the functions directory on sys.path so `_`-prefixed helpers are importable."""
+    """Put the functions directory first on sys.path so `_`-prefixed helpers are importable.
+
+    Loading another site in the same process (tests, an embedding application) forgets the helper
+    modules of the one before, so `_shared` always means this site's `_shared`.
+    """
     entry = str(functions_dir)
-    if entry not in sys.path:
-        sys.path.insert(0, entry)
+    for old in [d for d in _active_dirs if d != entry]:
+        _active_dirs.remove(old)
+        while old in sys.path:
+            sys.path.remove(old)
+        prefix = old + os.sep
+        for name, module in list(sys.modules.items()):
+            if (getattr(module, "__file__", None) or "").startswith(prefix) or any(
+                    p.startswith(prefix) or p == old for p in getattr(module, "__path__", None) or []):
+                del sys.modules[name]
+    if entry in sys.path:
+        sys.path.remove(entry)
+    sys.path.insert(0, entry)
+    if entry not in _active_dirs:
+        _active_dirs.append(entry)
 
 
 def shown_path(path: Path, base: Path) -> str:

@@ -17,6 +17,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from bgfn import defaults
+from bgfn.callbacks import DELIVERY_FUNCTION
 from bgfn.discovery import Function
 from bgfn.errors import ConfigError, QueueUnavailable
 
@@ -45,28 +46,50 @@ def new_request_id() -> str:
     return str(uuid.uuid4())
 
 
-def retry_policy(delays: tuple[int, ...]) -> Retry | None:
-    return Retry(max=len(delays), interval=list(delays)) if delays else None
+def callback_queue_name(queue: str) -> str:
+    """The queue completion-callback deliveries go to (workers listen to it too)."""
+    return f"{queue}-callbacks"
 
 
-def enqueue_invocation(queue: Queue, function: Function, event: dict[str, Any], request_id: str,
-                       retry_delays: tuple[int, ...]) -> Job:
-    """Store one background invocation; returns only once Redis has it.
+def retry_policy(delays: list[int]) -> Retry | None:
+    return Retry(max=len(delays), interval=delays) if delays else None
+
+
+def enqueue_invocation(queue: Queue, function: Function, event: dict[str, Any], request_id: str, *,
+                       callback_url: str | None = None) -> Job:
+    """Store one background invocation (one atomic write); returns only once Redis has it.
 
     Raises :class:`QueueUnavailable` when Redis cannot take it.
     """
-    meta = {"request_id": request_id, "accepted_at": time.time()}
+    accepted_at = time.time()
+    meta: dict[str, Any] = {"function": function.name, "accepted_at": accepted_at,
+                            "max_attempts": function.retry.max_attempts}
+    if callback_url is not None:
+        meta["callback_url"] = callback_url
     try:
         return queue.enqueue_call(
             JOB_FUNCTION,
-            args=(function.name, event, meta),
+            args=(function.name, event, {"request_id": request_id, "accepted_at": accepted_at}),
             timeout=max(1, int(round(function.timeout))),
             result_ttl=defaults.RESULT_TTL,
             failure_ttl=defaults.FAILURE_TTL,
             description=function.name,
             job_id=request_id,
-            retry=retry_policy(retry_delays),
-            meta={"function": function.name},
+            retry=retry_policy(function.retry.job_delays()),
+            meta=meta,
         )
     except REDIS_ERRORS as exc:
         raise QueueUnavailable(f"Redis did not take the job: {type(exc).__name__}: {exc}") from exc
+
+
+def enqueue_callback(job: Job, retry_delays: tuple[int, ...]) -> Job | None:
+    """Queue the delivery of `job`'s completion callback, if it asked for one."""
+    url = (job.meta or {}).get("callback_url")
+    if not url:
+        return None
+    deliveries = Queue(callback_queue_name(job.origin), connection=job.connection, serializer=JSONSerializer)
+    return deliveries.enqueue_call(
+        DELIVERY_FUNCTION, args=(job.id, url), timeout=60, retry=retry_policy(list(retry_delays)),
+        result_ttl=defaults.RESULT_TTL, failure_ttl=defaults.FAILURE_TTL,
+        description=f"callback for job {job.id}", meta={"callback_for": job.id},
+    )

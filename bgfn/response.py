@@ -85,6 +85,9 @@ def map_response(result: Any, *, head: bool = False) -> Response:
     if not 100 <= status <= 599:
         raise InvalidResponse(f"Your function response must have a statusCode between 100 and 599. "
                               f"You gave: {status!r}")
+    if status < 200:  # an informational status is not a final answer: the client would wait forever
+        raise InvalidResponse(f"Your function response must have a final statusCode (200 to 599); 1xx codes are "
+                              f"informational and cannot end a response. You gave: {status!r}")
     body = result.get("body")
     if body is not None and not isinstance(body, str):
         raise InvalidResponse(f"Your function response must have a string body. You gave: {body!r}")

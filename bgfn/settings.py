@@ -69,6 +69,26 @@ def _networks(text: str) -> tuple[Network, ...]:
     return tuple(ipaddress.ip_network(p.strip(), strict=False) for p in text.split(",") if p.strip())
 
 
+def _hosts(text: str) -> tuple[str, ...]:
+    hosts = tuple(h.strip().lower() for h in text.split(",") if h.strip())
+    if any("/" in h or ":" in h or " " in h for h in hosts):
+        raise ValueError
+    return hosts
+
+
+def _secret(text: str) -> str:
+    if len(text.strip()) < 16:
+        raise ValueError
+    return text.strip()
+
+
+def _lost_timeout(text: str) -> int:
+    value = int(text)
+    if value < 3:
+        raise ValueError
+    return value
+
+
 def _text(text: str) -> str:
     if not text.strip():
         raise ValueError
@@ -122,9 +142,33 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("trusted_proxies", "BGFN_TRUSTED_PROXIES", _networks, "comma-separated IPs or CIDRs",
             "BGFN_TRUSTED_PROXIES=127.0.0.1,10.0.0.0/8",
             "Peers whose X-Forwarded-For sets the client-ip header.", None),
+    Setting("admin_token", "BGFN_ADMIN_TOKEN", _secret, "a secret of at least 16 characters",
+            "BGFN_ADMIN_TOKEN=$(openssl rand -hex 32)",
+            "Bearer token of the admin endpoints under /.bgfn/admin/; unset: they are off.", None),
+    Setting("idempotency_window", "BGFN_IDEMPOTENCY_WINDOW", _positive_int, "a whole number of seconds >= 1",
+            "BGFN_IDEMPOTENCY_WINDOW=86400",
+            "How long an Idempotency-Key is remembered per function (seconds).", None),
+    Setting("callback_hosts", "BGFN_CALLBACK_HOSTS", _hosts, "comma-separated host names (globs allowed)",
+            "BGFN_CALLBACK_HOSTS=hooks.example.com,*.internal.example.com",
+            "Hosts completion callbacks may be sent to; unset: no callbacks.", None),
+    Setting("callback_secret", "BGFN_CALLBACK_SECRET", _secret, "a secret of at least 16 characters",
+            "BGFN_CALLBACK_SECRET=$(openssl rand -hex 32)",
+            "HMAC-SHA256 key that signs completion callbacks; unset: no callbacks.", None),
+    Setting("callback_retry_delays", "BGFN_CALLBACK_RETRY_DELAYS", _delays,
+            "comma-separated whole seconds (or empty)", "BGFN_CALLBACK_RETRY_DELAYS=10,60,300,1800",
+            "Delays before each new try of a callback delivery that failed (seconds).", None),
+    Setting("lost_job_timeout", "BGFN_LOST_JOB_TIMEOUT", _lost_timeout, "a whole number of seconds >= 3",
+            "BGFN_LOST_JOB_TIMEOUT=30",
+            "A running job whose worker stopped heartbeating this long is retried (seconds).", None),
+    Setting("shutdown_grace", "BGFN_SHUTDOWN_GRACE", _positive_int, "a whole number of seconds >= 1",
+            "BGFN_SHUTDOWN_GRACE=30",
+            "How long a worker told to stop lets its job finish before handing it back (seconds).", None),
     Setting("log_level", "BGFN_LOG_LEVEL", _log_level, "DEBUG, INFO, WARNING or ERROR", "BGFN_LOG_LEVEL=INFO",
             "Level of bgfn's log lines.", "--log-level"),
 )
+
+
+EMPTY_ALLOWED = frozenset({"retry_delays", "callback_retry_delays", "callback_hosts"})
 
 
 @dataclass(frozen=True)
@@ -143,6 +187,13 @@ class Settings:
     retry_delays: tuple[int, ...] = defaults.RETRY_DELAYS
     dev: bool = False
     trusted_proxies: tuple[Network, ...] = field(default_factory=tuple)
+    admin_token: str | None = field(default=None, repr=False)
+    idempotency_window: int = defaults.IDEMPOTENCY_WINDOW
+    callback_hosts: tuple[str, ...] = ()
+    callback_secret: str | None = field(default=None, repr=False)
+    callback_retry_delays: tuple[int, ...] = defaults.CALLBACK_RETRY_DELAYS
+    lost_job_timeout: int = defaults.LOST_JOB_TIMEOUT
+    shutdown_grace: int = defaults.SHUTDOWN_GRACE
     log_level: str = defaults.LOG_LEVEL
 
     @classmethod
@@ -154,7 +205,7 @@ class Settings:
         values: dict[str, Any] = {}
         for setting in SETTINGS:
             raw = env.get(setting.env)
-            if raw is not None and (raw.strip() or setting.name == "retry_delays"):
+            if raw is not None and (raw.strip() or setting.name in EMPTY_ALLOWED):
                 values[setting.name] = _parse(setting, raw, "environment variable " + setting.env)
         for name, value in (flags or {}).items():
             if value is None:

@@ -1,47 +1,76 @@
 """The worker: runs background invocations stored by the web tier.
 
-`bgfn worker` loads the site's functions once, then runs RQ workers (each forks a work horse per
-job, so a crashing or stuck handler never takes the worker down; RQ's parent kills a horse that
-overruns its timeout even when the handler is stuck in C code). Delayed retries are moved back
-onto the queue by RQ's scheduler, which every worker runs.
+`bgfn worker` loads the site's functions once, then runs RQ workers. Each forks a work horse per
+job, so a crashing or stuck handler never takes the worker down, and RQ's parent process kills a
+horse that overruns its timeout even when the handler is stuck in C code. Delayed retries are
+moved back onto the queue by RQ's scheduler, which every worker runs.
+
+What bgfn adds to RQ's worker (:class:`BgfnWorker`):
+
+- the time limit is the worker's own (BGFN_BACKGROUND_TIMEOUT and the function's `timeout`);
+- lost jobs: workers heartbeat running jobs every sixth of BGFN_LOST_JOB_TIMEOUT and look for
+  jobs whose heartbeat stopped every third of it, so a job whose worker was killed is retried
+  (as a failed attempt) within about twice BGFN_LOST_JOB_TIMEOUT plus its retry delay;
+- shutdown: on SIGTERM a worker takes no new job and lets the running one finish for up to
+  BGFN_SHUTDOWN_GRACE seconds, then stops it and hands it back to the front of the queue (not
+  counted as an attempt).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import sys
 import time
+from collections import deque
 from typing import Any
 
 import redis
 from rq import Queue, Worker
-from rq.job import Job, get_current_job
+from rq.job import Job, JobStatus, get_current_job
 from rq.serializers import JSONSerializer
+from rq.timeouts import JobTimeoutException
 from rq.worker_pool import WorkerPool
 
+from bgfn import defaults
 from bgfn.config import load_site
 from bgfn.discovery import Registry, load_registry
 from bgfn.errors import FunctionNotFound
 from bgfn.event import LambdaContext
-from bgfn.invoke import call_handler
-from bgfn.queue import JOB_FUNCTION, make_queue
+from bgfn.invoke import call_handler, timeout_message
+from bgfn.queue import JOB_FUNCTION, callback_queue_name, enqueue_callback, make_queue
 from bgfn.settings import Settings
 
 log = logging.getLogger("bgfn.worker")
 
 _registry: Registry | None = None
+_settings: Settings | None = None
 
 
-def set_registry(registry: Registry) -> None:
+class EventExpired(Exception):
+    """The job waited longer than its function's max_event_age: it fails without running."""
+
+
+def set_registry(registry: Registry, settings: Settings | None = None) -> None:
     """Make `registry` the functions this process runs (called before the workers start)."""
-    global _registry
+    global _registry, _settings
     _registry = registry
+    if settings is not None:
+        _settings = settings
+
+
+def current_settings() -> Settings:
+    global _settings
+    if _settings is None:
+        _settings = Settings.load()
+    return _settings
 
 
 def _current_registry() -> Registry:
     global _registry
     if _registry is None:  # a plain `rq worker` running bgfn's jobs: load from the environment
-        settings = Settings.load()
+        settings = current_settings()
         _registry, _ = load_registry(load_site(settings.site), settings)
     return _registry
 
@@ -52,6 +81,73 @@ def _json_safe(value: Any) -> Any:
         return value
     except (TypeError, ValueError):
         return repr(value)
+
+
+class _LogTail:
+    """What a run printed or logged: everything goes on to the console, the last `limit` characters
+    are kept for the job record."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.chunks: deque[str] = deque()
+        self.size = 0
+        self.dropped = 0
+
+    def add(self, text: str) -> None:
+        self.chunks.append(text)
+        self.size += len(text)
+        while self.size > self.limit and self.chunks:
+            extra = self.size - self.limit
+            head = self.chunks[0]
+            if len(head) <= extra:
+                self.chunks.popleft()
+                self.size -= len(head)
+                self.dropped += len(head)
+            else:
+                self.chunks[0] = head[extra:]
+                self.size -= extra
+                self.dropped += extra
+
+    def text(self) -> str:
+        return "".join(self.chunks)
+
+
+class _Tee(io.TextIOBase):
+    def __init__(self, stream: Any, tail: _LogTail) -> None:
+        self.stream = stream
+        self.tail = tail
+
+    def write(self, text: str) -> int:
+        self.tail.add(text)
+        try:
+            self.stream.write(text)
+        except (OSError, ValueError):
+            pass
+        return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
+class _FunctionLogHandler(logging.Handler):
+    """Sends the function's own log records (not bgfn's or RQ's) to the captured stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name.startswith(("rq.", "bgfn.")) or record.name in ("rq", "bgfn"):
+            return
+        sys.stderr.write(f"{record.levelname} {record.name}: {record.getMessage()}\n")
+
+
+def _save(job: Job | None) -> None:
+    if job is None:
+        return
+    try:
+        job.save_meta()
+    except redis.exceptions.RedisError as exc:  # the outcome still reaches RQ; only the extras are lost
+        log.warning("job %s: could not save its record's details: %s", job.id, exc)
 
 
 def run_job(function_name: str, event: dict[str, Any], meta: dict[str, Any]) -> Any:
@@ -69,20 +165,51 @@ def run_job(function_name: str, event: dict[str, Any], meta: dict[str, Any]) -> 
                                "functions as the web server")
     function = registry.get(function_name)
     request_id = str(meta.get("request_id") or (job.id if job else "unknown"))
-    attempt = 1
-    if job is not None and job.retry_intervals is not None and job.retries_left is not None:
-        attempt = len(job.retry_intervals) - job.retries_left + 1
+    record: dict[str, Any] = job.meta if job is not None else {}
     waited = time.time() - float(meta.get("accepted_at", time.time()))
-    log.info("background %s job %s: attempt %d started (%.3f s after accept)",
-             function_name, request_id, attempt, waited)
+
+    max_age = function.retry.max_event_age
+    if max_age is not None and waited > max_age:
+        if job is not None:
+            job.retries_left = 0
+        message = (f"the event is {waited:.0f} s old, over max_event_age = {max_age:g} s for {function_name}; "
+                   "it was dropped without running")
+        record["error"] = {"type": "EventExpired", "message": message}
+        _save(job)
+        log.warning("background %s job %s: %s", function_name, request_id, message)
+        raise EventExpired(message)
+
+    attempt = int(record.get("attempts", 0)) + 1
+    record["attempts"] = attempt
+    record.pop("error", None)
+    _save(job)
+    log.info("background %s job %s: attempt %d of %d started (%.3f s after accept)",
+             function_name, request_id, attempt, function.retry.max_attempts, waited)
+
+    tail = _LogTail(defaults.JOB_LOG_LIMIT)
+    previous = (sys.stdout, sys.stderr)
+    handler = _FunctionLogHandler()
+    sys.stdout, sys.stderr = _Tee(sys.stdout, tail), _Tee(sys.stderr, tail)
+    logging.getLogger().addHandler(handler)
     context = LambdaContext(function_name, request_id, function.timeout)
     started = time.monotonic()
     try:
         result = call_handler(function, event, context)
     except BaseException as exc:
+        if isinstance(exc, JobTimeoutException):
+            timeout = job.timeout if job is not None and job.timeout else function.timeout
+            record["error"] = {"type": "TimeoutError", "message": timeout_message(float(timeout))}
+        else:
+            record["error"] = {"type": type(exc).__name__, "message": str(exc)}
         log.warning("background %s job %s: attempt %d raised %s: %s after %.3f s", function_name,
                     request_id, attempt, type(exc).__name__, exc, time.monotonic() - started)
         raise
+    finally:
+        logging.getLogger().removeHandler(handler)
+        sys.stdout, sys.stderr = previous
+        record["logs"] = tail.text()
+        record["logs_truncated"] = tail.dropped > 0
+        _save(job)
     log.info("background %s job %s: attempt %d succeeded in %.3f s", function_name, request_id, attempt,
              time.monotonic() - started)
     return _json_safe(result)
@@ -103,12 +230,18 @@ def _time_limit(job: Job) -> int | None:
 
 
 class BgfnWorker(Worker):
-    """An RQ worker that enforces its own time limit: the shorter of the job's and its function's here.
+    """RQ's forking worker with bgfn's time limit, lost-job detection and graceful hand-back."""
 
-    The web tier sets a job's timeout from its own settings; the worker that runs the job is the one
-    whose BGFN_BACKGROUND_TIMEOUT and function `timeout` must hold (the limit is set before the work
-    horse forks, so both RQ's alarm in the horse and the parent's kill of a stuck horse use it).
-    """
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        lost = current_settings().lost_job_timeout
+        self.heartbeat_interval = max(1, lost // 6)
+        kwargs.setdefault("job_monitoring_interval", self.heartbeat_interval)
+        kwargs.setdefault("maintenance_interval", max(1, lost // 3))
+        # RQ blocks on an empty queue for worker_ttl - 15 s; keep that within the maintenance interval.
+        kwargs.setdefault("worker_ttl", max(1, lost // 3) + 15)
+        super().__init__(*args, **kwargs)
+        self._stop_deadline: float | None = None
+        self._handing_back: str | None = None
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         limit = _time_limit(job)
@@ -116,17 +249,71 @@ class BgfnWorker(Worker):
             job.timeout = limit
         super().execute_job(job, queue)
 
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        """A running job's heartbeat lasts BGFN_LOST_JOB_TIMEOUT (RQ's own grace is 60 s)."""
+        return current_settings().lost_job_timeout
+
+    def handle_warm_shutdown_request(self) -> None:
+        super().handle_warm_shutdown_request()
+        self._stop_deadline = time.monotonic() + current_settings().shutdown_grace
+
+    def maintain_heartbeats(self, job: Job, execution: Any) -> None:
+        super().maintain_heartbeats(job, execution)
+        if self._stop_deadline is not None and time.monotonic() >= self._stop_deadline and self.horse_pid:
+            self.log.warning("Worker %s: job %s still running %d s after the stop request: handing it back "
+                             "to the queue", self.name, job.id, current_settings().shutdown_grace)
+            self._handing_back = job.id
+            self.kill_horse()
+
+    def handle_job_success(self, job: Job, queue: Queue, *args: Any, **kwargs: Any) -> None:
+        super().handle_job_success(job, queue, *args, **kwargs)
+        self._send_callback(job)
+
+    def handle_job_failure(self, job: Job, queue: Queue, started_job_registry: Any = None, exc_string: str = "",
+                           execution: Any = None) -> None:
+        if self._handing_back != job.id:
+            super().handle_job_failure(job, queue, started_job_registry=started_job_registry,
+                                       exc_string=exc_string, execution=execution)
+            if job.get_status(refresh=False) in (JobStatus.FAILED, JobStatus.STOPPED):
+                self._send_callback(job)
+            return
+        self._handing_back = None
+        job.refresh()
+        meta = job.meta or {}
+        meta["attempts"] = max(0, int(meta.get("attempts", 1)) - 1)  # a run cut short is not an attempt
+        meta["handed_back"] = int(meta.get("handed_back", 0)) + 1
+        job.meta = meta
+        with self.connection.pipeline() as pipeline:
+            self.cleanup_execution(job, pipeline=pipeline, execution=execution)
+            job.save_meta()
+            queue._enqueue_job(job, pipeline=pipeline, at_front=True)
+            pipeline.execute()
+        self.log.info("Worker %s: job %s handed back to the front of queue %s", self.name, job.id, queue.name)
+
+    def _send_callback(self, job: Job) -> None:
+        if job.func_name != JOB_FUNCTION:
+            return
+        try:
+            enqueue_callback(job, current_settings().callback_retry_delays)
+        except redis.exceptions.RedisError as exc:
+            self.log.error("Worker %s: could not queue the completion callback of job %s: %s", self.name, job.id, exc)
+
+    def handle_work_horse_killed(self, job: Job, retpid: int, ret_val: int, rusage: Any) -> None:
+        if self._handing_back != job.id:
+            super().handle_work_horse_killed(job, retpid, ret_val, rusage)
+
 
 def run_workers(settings: Settings, registry: Registry, connection: redis.Redis, *,
                 burst: bool = False) -> None:
-    """Run `settings.worker_processes` RQ workers on the queue until stopped (SIGTERM/SIGINT)."""
-    set_registry(registry)
+    """Run `settings.worker_processes` RQ workers on the queues until stopped (SIGTERM/SIGINT)."""
+    set_registry(registry, settings)
     level = settings.log_level
+    names = [settings.queue, callback_queue_name(settings.queue)]
     if settings.worker_processes == 1:
-        worker = BgfnWorker([make_queue(connection, settings.queue)], connection=connection,
+        worker = BgfnWorker([make_queue(connection, n) for n in names], connection=connection,
                             serializer=JSONSerializer)
         worker.work(burst=burst, with_scheduler=True, logging_level=level)
         return
-    pool = WorkerPool([settings.queue], connection=connection, num_workers=settings.worker_processes,
+    pool = WorkerPool(names, connection=connection, num_workers=settings.worker_processes,
                       serializer=JSONSerializer, worker_class=BgfnWorker)
     pool.start(burst=burst, logging_level=level)

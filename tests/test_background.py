@@ -147,7 +147,7 @@ def test_per_function_timeout_and_configured_retries_reach_the_job(
     assert flagged.retry_intervals == [1, 2]
     echo = fetch(redis_client, client.post("/.netlify/functions/echo-background").headers["X-Bgfn-Job-Id"])
     assert echo.timeout == 20
-    no_retries, _ = load(site, redis_url=redis_url, retry_delays=())
+    no_retries, registry = load(site, redis_url=redis_url, retry_delays=())
     client = create_app(no_retries, registry, redis.Redis.from_url(redis_url, socket_timeout=5)).test_client()
     job = fetch(redis_client, client.post("/.netlify/functions/flagged").headers["X-Bgfn-Job-Id"])
     assert not job.retries_left

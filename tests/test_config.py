@@ -281,7 +281,8 @@ def test_bgfn_toml_beside_a_yaml_config(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("text", "message"), [
     ('[functions."x"]\ntimeot = 5\n',
-     'bgfn.toml: [functions."x"] timeot: unknown key. Known keys: background, timeout.'),
+     'bgfn.toml: [functions."x"] timeot: unknown key. Known keys: background, max_attempts, max_event_age, '
+     'retry_backoff, retry_delays, timeout.'),
     ('[functions."x"]\ntimeout = 0\n',
      'bgfn.toml: [functions."x"] timeout = 0: expected a number of seconds > 0, e.g. timeout = 30.'),
     ('[functions."x"]\ntimeout = "30"\n',
@@ -290,10 +291,10 @@ def test_bgfn_toml_beside_a_yaml_config(tmp_path: Path) -> None:
      'bgfn.toml: [functions."x"] timeout = True: expected a number of seconds > 0, e.g. timeout = 30.'),
     ('[server]\nbind = "0.0.0.0:80"\n',
      "bgfn.toml: unknown section [server]; it holds only [functions.\"PATTERN\"] sections with keys "
-     "['background', 'timeout']."),
+     "['background', 'max_attempts', 'max_event_age', 'retry_backoff', 'retry_delays', 'timeout']."),
     ("[functions]\ntimeout = 5\n",
      "bgfn.toml: [functions] timeout = 5: expected a section [functions.\"timeout\"] with keys "
-     "['background', 'timeout']."),
+     "['background', 'max_attempts', 'max_event_age', 'retry_backoff', 'retry_delays', 'timeout']."),
 ])
 def test_bad_bgfn_toml_names_the_key_and_the_fix(tmp_path: Path, text: str, message: str) -> None:
     assert error_of(site(tmp_path, {"netlify.toml": "", "bgfn.toml": text})) == message

@@ -221,6 +221,15 @@ def test_bad_status_message_names_the_status(client: FlaskClient) -> None:
         assert str(status) in json.loads(response.get_data())["errorMessage"]
 
 
+def test_informational_status_is_a_bad_return_value(client: FlaskClient) -> None:
+    # A 1xx sent as the final answer leaves the client waiting forever: refuse it with a reason.
+    for status in (100, 101, 199):
+        response = answer(client, {"statusCode": status})
+        assert response.status_code == 500
+        message = json.loads(response.get_data())["errorMessage"]
+        assert "final statusCode" in message and str(status) in message
+
+
 # --- through gunicorn ---------------------------------------------------------------------------------
 
 
