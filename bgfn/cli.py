@@ -252,3 +252,122 @@ def _read_data(data: str | None) -> bytes | None:
         except OSError as exc:
             raise ConfigError(f"--data {data!r}: cannot read the file ({exc}).") from None
     return data.encode("utf-8")
+
+
+def _job_queue(ctx: click.Context, redis_url: str | None, queue: str | None) -> Any:
+    from bgfn.queue import connect, make_queue
+
+    settings = _settings(ctx, redis_url=redis_url, queue=queue)
+    if not settings.redis_url:
+        raise ConfigError("REDIS_URL is not set: jobs live in Redis. Set REDIS_URL=redis://HOST:PORT/0 "
+                          "(the same as the server's), or pass --redis-url.")
+    return make_queue(connect(settings.redis_url), settings.queue)
+
+
+def _jobs_errors() -> Any:
+    from bgfn import jobs
+    from bgfn.queue import REDIS_ERRORS
+
+    @contextmanager
+    def handle() -> Iterator[None]:
+        try:
+            with _errors():
+                yield
+        except jobs.JobNotFound as exc:
+            raise click.ClickException(f"no job has id {str(exc)!r} (unknown, or its record expired).") from None
+        except jobs.JobStateError as exc:
+            raise click.ClickException(str(exc)) from None
+        except REDIS_ERRORS as exc:
+            raise BgfnClickError(QueueUnavailable(f"Redis is unreachable: {exc}")) from None
+
+    return handle()
+
+
+def _job_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--redis-url", default=None, help="Redis URL [env REDIS_URL].")(fn)
+    fn = click.option("--queue", default=None, help=f"RQ queue [env BGFN_QUEUE; default {defaults.QUEUE}].")(fn)
+    return fn
+
+
+@main.group(invoke_without_command=True)
+@click.option("--function", "-f", default=None, help="Only this function's jobs.")
+@click.option("--state", "-s", "states", multiple=True,
+              type=click.Choice(["queued", "scheduled", "running", "succeeded", "failed", "canceled"]),
+              help="Only jobs in this state (repeatable).")
+@click.option("--limit", default=20, show_default=True, help="Most jobs listed per state.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@_job_options
+@click.pass_context
+def jobs(ctx: click.Context, function: str | None, states: tuple[str, ...], limit: int, as_json: bool,
+         redis_url: str | None, queue: str | None) -> None:
+    """List recent and failed background jobs; subcommands show, retry and purge them."""
+    ctx.obj["redis_url"], ctx.obj["queue"] = redis_url, queue
+    if ctx.invoked_subcommand is not None:
+        return
+    from bgfn import jobs as jobs_api
+
+    with _jobs_errors():
+        q = _job_queue(ctx, redis_url, queue)
+        listed = jobs_api.list_jobs(q, function=function, states=states or jobs_api.STATES, limit=limit)
+    if as_json:
+        click.echo(json.dumps(listed, indent=2))
+        return
+    click.echo(f"{'ID':<36}  {'FUNCTION':<24}  {'STATE':<9}  {'TRIES':<5}  {'ACCEPTED':<27}  ERROR")
+    for job in listed:
+        error = job.get("error") or {}
+        tries = f"{job['attempts']}/{job['max_attempts']}"
+        reason = f"{error.get('type', '')}: {error.get('message', '')}"[:80] if error else ""
+        click.echo(f"{job['id']:<36}  {str(job['function'])[:24]:<24}  {job['state']:<9}  {tries:<5}  "
+                   f"{str(job['accepted_at']):<27}  {reason}")
+    if not listed:
+        click.echo("(no jobs)")
+
+
+@jobs.command("show")
+@click.argument("job_id")
+@click.pass_context
+def jobs_show(ctx: click.Context, job_id: str) -> None:
+    """Print one job's record as JSON (as GET /.bgfn/jobs/ID answers it)."""
+    from bgfn import jobs as jobs_api
+
+    with _jobs_errors():
+        q = _job_queue(ctx, ctx.obj.get("redis_url"), ctx.obj.get("queue"))
+        click.echo(json.dumps(jobs_api.view(jobs_api.fetch(q.connection, job_id), q), indent=2))
+
+
+@jobs.command("retry")
+@click.argument("job_id", required=False)
+@click.option("--function", "-f", default=None, help="Replay every failed job of this function.")
+@click.option("--all-failed", is_flag=True, help="Replay every failed job of every function.")
+@click.pass_context
+def jobs_retry(ctx: click.Context, job_id: str | None, function: str | None, all_failed: bool) -> None:
+    """Replay a failed (or canceled) job, or all failed jobs of a function, with a fresh retry budget."""
+    from bgfn import jobs as jobs_api
+
+    if sum(bool(x) for x in (job_id, function, all_failed)) != 1:
+        raise click.UsageError("name one job ID, or --function NAME, or --all-failed.")
+    with _jobs_errors():
+        q = _job_queue(ctx, ctx.obj.get("redis_url"), ctx.obj.get("queue"))
+        if job_id:
+            job = jobs_api.replay(q, jobs_api.fetch(q.connection, job_id))
+            click.echo(f"{job['id']}: {job['state']}")
+            return
+        replayed = jobs_api.replay_failed(q, function)
+    for replayed_id in replayed:
+        click.echo(f"{replayed_id}: queued")
+    click.echo(f"{len(replayed)} job{'s' if len(replayed) != 1 else ''} queued again")
+
+
+@jobs.command("purge")
+@click.option("--function", "-f", default=None, help="Only this function's jobs.")
+@click.option("--state", "-s", "states", multiple=True, type=click.Choice(["succeeded", "failed", "canceled"]),
+              help="Only jobs in this state (repeatable) [default: all three].")
+@click.pass_context
+def jobs_purge(ctx: click.Context, function: str | None, states: tuple[str, ...]) -> None:
+    """Delete the records of finished jobs (succeeded, failed, canceled)."""
+    from bgfn import jobs as jobs_api
+
+    with _jobs_errors():
+        q = _job_queue(ctx, ctx.obj.get("redis_url"), ctx.obj.get("queue"))
+        count = jobs_api.purge(q, function=function, states=states or ("succeeded", "failed", "canceled"))
+    click.echo(f"{count} job record{'s' if count != 1 else ''} deleted")
