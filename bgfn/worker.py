@@ -13,7 +13,9 @@ What bgfn adds to RQ's worker (:class:`BgfnWorker`):
   (as a failed attempt) within about twice BGFN_LOST_JOB_TIMEOUT plus its retry delay;
 - shutdown: on SIGTERM a worker takes no new job and lets the running one finish for up to
   BGFN_SHUTDOWN_GRACE seconds, then stops it and hands it back to the front of the queue (not
-  counted as an attempt).
+  counted as an attempt);
+- Redis outages: `bgfn worker` (one process) outlives a Redis restart: when RQ's work loop quits on a
+  Redis error, a new worker starts once Redis answers again; the job it was running is a lost job.
 """
 
 from __future__ import annotations
@@ -27,10 +29,13 @@ from collections import deque
 from typing import Any
 
 import redis
-from rq import Queue, Worker
+from rq import Queue, Worker, worker_registration
+from rq.exceptions import StopRequested
 from rq.job import Job, JobStatus, get_current_job
+from rq.registry import StartedJobRegistry, clean_registries
 from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException
+from rq.utils import now
 from rq.worker_pool import WorkerPool
 
 from bgfn import defaults
@@ -298,9 +303,84 @@ class BgfnWorker(Worker):
         except redis.exceptions.RedisError as exc:
             self.log.error("Worker %s: could not queue the completion callback of job %s: %s", self.name, job.id, exc)
 
+    def clean_registries(self) -> None:
+        """RQ's registry maintenance (which retries or fails lost jobs), plus the completion callbacks
+        of lost jobs it failed for good, under a maintenance lock that lasts BGFN_LOST_JOB_TIMEOUT
+        (RQ's lasts 899 s and outlives a worker killed while cleaning, stopping every sweep)."""
+        for queue in self.queues:
+            lock_ttl = max(1, current_settings().lost_job_timeout)
+            if not self.connection.set(queue.registry_cleaning_key, 1, nx=True, ex=lock_ttl):
+                continue
+            try:
+                self.log.info("Worker %s: cleaning registries for queue: %s", self.name, queue.name)
+                started = StartedJobRegistry(queue=queue)
+                lost = [j for j in Job.fetch_many(started.get_expired_job_ids(), connection=self.connection,
+                                                  serializer=self.serializer)
+                        if j is not None and j.get_status(refresh=False) == JobStatus.STARTED]
+                clean_registries(queue, self._exc_handlers)
+                worker_registration.clean_worker_registry(queue)
+                queue.intermediate_queue.cleanup(self, queue)
+                for job in lost:
+                    if job.get_status(refresh=True) == JobStatus.FAILED:
+                        self.log.warning("Worker %s: job %s was lost with its worker and has no attempt left",
+                                         self.name, job.id)
+                        self._send_callback(job)
+            finally:
+                queue.release_maintenance_lock()
+        self.last_cleaned_at = now()  # type: ignore[assignment]  # RQ declares it None only
+
+    @property
+    def stop_requested(self) -> bool:
+        """Whether SIGTERM/SIGINT asked this worker to stop."""
+        return self._stop_deadline is not None
+
     def handle_work_horse_killed(self, job: Job, retpid: int, ret_val: int, rusage: Any) -> None:
         if self._handing_back != job.id:
             super().handle_work_horse_killed(job, retpid, ret_val, rusage)
+
+
+REDIS_OUTAGE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.BusyLoadingError)
+OUTAGE_WAIT_MAX = 30.0
+"""Longest pause between attempts to reach Redis again after it went away (seconds)."""
+
+
+def _work_through_outages(names: list[str], connection: redis.Redis, *, burst: bool, level: str) -> None:
+    """Run one BgfnWorker until it is told to stop, starting a new one whenever Redis went away.
+
+    RQ's work loop quits on a Redis error raised outside its dequeue (mid-job, in maintenance, in
+    its heartbeat after a job: rq/worker/base.py `BaseWorker.work`), so a Redis restart would end
+    `bgfn worker`. Here the worker waits for Redis to answer again and carries on; the job that was
+    running is found by the lost-job sweep and retried.
+    """
+    wait = 1.0
+    while True:
+        worker: BgfnWorker | None = None
+        try:
+            worker = BgfnWorker([make_queue(connection, n) for n in names], connection=connection,
+                                serializer=JSONSerializer)
+            worker.work(burst=burst, with_scheduler=True, logging_level=level)
+            if burst or worker.stop_requested:
+                return
+            reason = "its work loop ended on an error"
+        except REDIS_OUTAGE as exc:
+            if burst or (worker is not None and worker.stop_requested):
+                raise
+            reason = f"{type(exc).__name__}: {exc}"
+        except StopRequested:
+            return
+        log.error("the worker lost Redis (%s); starting it again once Redis answers", reason)
+        try:
+            while True:
+                time.sleep(wait)
+                wait = min(wait * 2, OUTAGE_WAIT_MAX)
+                try:
+                    if connection.ping():
+                        break
+                except REDIS_OUTAGE as exc:
+                    log.warning("Redis is still unavailable (%s); trying again in %.0f s", exc, wait)
+        except StopRequested:  # SIGTERM while waiting (the last worker's handler is still installed)
+            return
+        wait = 1.0
 
 
 def run_workers(settings: Settings, registry: Registry, connection: redis.Redis, *,
@@ -310,9 +390,7 @@ def run_workers(settings: Settings, registry: Registry, connection: redis.Redis,
     level = settings.log_level
     names = [settings.queue, callback_queue_name(settings.queue)]
     if settings.worker_processes == 1:
-        worker = BgfnWorker([make_queue(connection, n) for n in names], connection=connection,
-                            serializer=JSONSerializer)
-        worker.work(burst=burst, with_scheduler=True, logging_level=level)
+        _work_through_outages(names, connection, burst=burst, level=level)
         return
     pool = WorkerPool(names, connection=connection, num_workers=settings.worker_processes,
                       serializer=JSONSerializer, worker_class=BgfnWorker)

@@ -1,0 +1,51 @@
+"""Log lines: one per invocation (web) and one per job event (worker), linked by the request id,
+which is also the job id of a background invocation. Text by default; JSON lines with
+BGFN_LOG_FORMAT=json."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+FIELDS = ("event", "function", "kind", "request_id", "job_id", "status", "duration_ms", "attempt", "error")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and bgfn's fields when present."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key in FIELDS:
+            value = getattr(record, key, None)
+            if value is not None:
+                data[key] = value
+        if record.exc_info:
+            data["trace"] = self.formatException(record.exc_info)
+        return json.dumps(data, default=str)
+
+
+def setup(level: str, fmt: str = "text") -> None:
+    """Configure the root logger once for a bgfn process."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    for name in ("rq", "rq.worker", "rq.scheduler", "rq.queue", "rq.job"):
+        # RQ installs its own handlers when a worker starts; route its lines through ours instead.
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
