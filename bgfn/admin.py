@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 JOBS_PREFIX = "/.bgfn/jobs/"
 
 
+class BadQuery(ValueError):
+    """A query parameter bgfn cannot use (answered 400)."""
+
+
 def status_url(job_id: str) -> str:
     return JOBS_PREFIX + job_id
 
@@ -45,6 +49,8 @@ def _with_queue(state: BgfnState, action: Callable[[Queue], Response]) -> Respon
                               "expired).")
     except jobs.JobStateError as exc:
         return error_response(409, "JobStateConflict", str(exc))
+    except BadQuery as exc:
+        return error_response(400, "BadRequest", str(exc))
     except REDIS_ERRORS as exc:
         return _redis_down(exc)
 
@@ -70,13 +76,15 @@ def _limit() -> int:
 
 
 def _states(default: tuple[str, ...]) -> tuple[str, ...]:
+    """The `state` parameter (comma-separated), each one of `default`; `default` when absent."""
     raw = request.args.get("state")
     if not raw:
         return default
     states = tuple(s.strip() for s in raw.split(",") if s.strip())
-    unknown = [s for s in states if s not in jobs.STATES]
+    unknown = [s for s in states if s not in default]
     if unknown:
-        raise jobs.JobStateError(f"unknown state(s) {unknown}; known: {', '.join(jobs.STATES)}.")
+        raise BadQuery(f"state={raw[:100]!r}: unknown or not allowed here: {', '.join(unknown)}; "
+                       f"use one or more of {', '.join(default)}.")
     return states
 
 

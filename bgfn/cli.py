@@ -289,6 +289,11 @@ def _job_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+def _subcommand_queue(ctx: click.Context, redis_url: str | None, queue: str | None) -> Any:
+    """The queue of a `bgfn jobs` subcommand: its own --redis-url/--queue, else the group's."""
+    return _job_queue(ctx, redis_url or ctx.obj.get("redis_url"), queue or ctx.obj.get("queue"))
+
+
 @main.group(invoke_without_command=True)
 @click.option("--function", "-f", default=None, help="Only this function's jobs.")
 @click.option("--state", "-s", "states", multiple=True,
@@ -325,13 +330,14 @@ def jobs(ctx: click.Context, function: str | None, states: tuple[str, ...], limi
 
 @jobs.command("show")
 @click.argument("job_id")
+@_job_options
 @click.pass_context
-def jobs_show(ctx: click.Context, job_id: str) -> None:
+def jobs_show(ctx: click.Context, job_id: str, redis_url: str | None, queue: str | None) -> None:
     """Print one job's record as JSON (as GET /.bgfn/jobs/ID answers it)."""
     from bgfn import jobs as jobs_api
 
     with _jobs_errors():
-        q = _job_queue(ctx, ctx.obj.get("redis_url"), ctx.obj.get("queue"))
+        q = _subcommand_queue(ctx, redis_url, queue)
         click.echo(json.dumps(jobs_api.view(jobs_api.fetch(q.connection, job_id), q), indent=2))
 
 
@@ -339,15 +345,17 @@ def jobs_show(ctx: click.Context, job_id: str) -> None:
 @click.argument("job_id", required=False)
 @click.option("--function", "-f", default=None, help="Replay every failed job of this function.")
 @click.option("--all-failed", is_flag=True, help="Replay every failed job of every function.")
+@_job_options
 @click.pass_context
-def jobs_retry(ctx: click.Context, job_id: str | None, function: str | None, all_failed: bool) -> None:
+def jobs_retry(ctx: click.Context, job_id: str | None, function: str | None, all_failed: bool,
+               redis_url: str | None, queue: str | None) -> None:
     """Replay a failed (or canceled) job, or all failed jobs of a function, with a fresh retry budget."""
     from bgfn import jobs as jobs_api
 
     if sum(bool(x) for x in (job_id, function, all_failed)) != 1:
         raise click.UsageError("name one job ID, or --function NAME, or --all-failed.")
     with _jobs_errors():
-        q = _job_queue(ctx, ctx.obj.get("redis_url"), ctx.obj.get("queue"))
+        q = _subcommand_queue(ctx, redis_url, queue)
         if job_id:
             job = jobs_api.replay(q, jobs_api.fetch(q.connection, job_id))
             click.echo(f"{job['id']}: {job['state']}")
@@ -362,12 +370,14 @@ def jobs_retry(ctx: click.Context, job_id: str | None, function: str | None, all
 @click.option("--function", "-f", default=None, help="Only this function's jobs.")
 @click.option("--state", "-s", "states", multiple=True, type=click.Choice(["succeeded", "failed", "canceled"]),
               help="Only jobs in this state (repeatable) [default: all three].")
+@_job_options
 @click.pass_context
-def jobs_purge(ctx: click.Context, function: str | None, states: tuple[str, ...]) -> None:
+def jobs_purge(ctx: click.Context, function: str | None, states: tuple[str, ...], redis_url: str | None,
+               queue: str | None) -> None:
     """Delete the records of finished jobs (succeeded, failed, canceled)."""
     from bgfn import jobs as jobs_api
 
     with _jobs_errors():
-        q = _job_queue(ctx, ctx.obj.get("redis_url"), ctx.obj.get("queue"))
+        q = _subcommand_queue(ctx, redis_url, queue)
         count = jobs_api.purge(q, function=function, states=states or ("succeeded", "failed", "canceled"))
     click.echo(f"{count} job record{'s' if count != 1 else ''} deleted")

@@ -12,6 +12,7 @@ States (RQ's statuses in brackets):
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
@@ -92,6 +93,29 @@ def _error(job: Job, meta: dict[str, Any]) -> dict[str, str] | None:
     return {"type": kind.rsplit(".", 1)[-1] if sep else "Error", "message": message if sep else last}
 
 
+def _ended_at(job: Job, meta: dict[str, Any]) -> datetime | float | None:
+    """When a final job ended: RQ records no end time for a job canceled while queued, nor for one
+    stopped while running; the cancel time, or the time its failure was recorded, stands in."""
+    if job.ended_at is not None:
+        return job.ended_at
+    if meta.get("canceled_at") is not None:
+        return float(meta["canceled_at"])
+    result = job.latest_result()
+    return result.created_at if result is not None else None
+
+
+def _scheduled_time(job: Job, queue: Queue) -> datetime | None:
+    """When a scheduled job goes back on the queue. RQ writes a retried job's status before it adds
+    the job to the scheduled registry (a few milliseconds apart), so a miss is looked up again."""
+    registry = ScheduledJobRegistry(queue=queue)
+    for pause in (0.01, 0.05, 0.1, 0.0):
+        try:
+            return registry.get_scheduled_time(job)
+        except NoSuchJobError:
+            time.sleep(pause)
+    return None
+
+
 def view(job: Job, queue: Queue | None = None) -> dict[str, Any]:
     """The JSON view of a job: the body of GET /.bgfn/jobs/<id> and of completion callbacks."""
     meta = job.meta or {}
@@ -102,15 +126,12 @@ def view(job: Job, queue: Queue | None = None) -> dict[str, Any]:
         "state": state,
         "accepted_at": _iso(meta.get("accepted_at") or job.created_at),
         "started_at": _iso(job.started_at) if state != "queued" else None,
-        "ended_at": _iso(job.ended_at) if state in FINAL_STATES else None,
-        "attempts": int(meta.get("attempts", 0)),
+        "ended_at": _iso(_ended_at(job, meta)) if state in FINAL_STATES else None,
+        "attempts": max(int(meta.get("attempts", 0)), 1 if state == "running" else 0),
         "max_attempts": int(meta.get("max_attempts", 1)),
     }
     if state == "scheduled" and queue is not None:
-        try:
-            data["next_attempt_at"] = _iso(ScheduledJobRegistry(queue=queue).get_scheduled_time(job))
-        except NoSuchJobError:
-            data["next_attempt_at"] = None
+        data["next_attempt_at"] = _iso(_scheduled_time(job, queue))
     if state == "succeeded":
         data["result"] = job.return_value()
     if state in ("failed", "canceled", "scheduled"):
@@ -133,12 +154,45 @@ def registries(queue: Queue) -> dict[str, BaseRegistry]:
     }
 
 
+# RQ files a job stopped while running (state canceled) in its failed registry, with status stopped:
+# the registries a state's jobs can be found in.
+SOURCES = {"failed": ("failed", "canceled"), "canceled": ("canceled", "failed")}
+
+
 def job_ids(queue: Queue, state: str, limit: int) -> list[str]:
-    """Up to `limit` ids of jobs in `state`, newest first."""
+    """Up to `limit` ids of jobs in `state`'s registry (or the queue), newest first."""
     if state == "queued":
         ids = queue.get_job_ids()
         return list(reversed(ids))[:limit]
-    return registries(queue)[state].get_job_ids(0, limit - 1, desc=True)
+    registry = registries(queue)[state]
+    ids = registry.get_job_ids(0, limit - 1, desc=True)
+    if state in FINAL_STATES and ids and len(ids) >= limit:
+        # Final jobs are ordered by expiry in whole seconds: add the ties of the last one, so the
+        # caller's sort by end time sees every job that may be newer than it.
+        last = queue.connection.zscore(registry.key, ids[-1])
+        if last is not None:
+            entries = queue.connection.zrangebyscore(registry.key, last, last)
+            ties = [e.decode() if isinstance(e, bytes) else str(e) for e in entries]
+            ids += [job_id for job_id in ties if job_id not in ids]
+    return ids
+
+
+def _newest_first(job: Job) -> float:
+    ended = _ended_at(job, job.meta or {})
+    if isinstance(ended, datetime):
+        return (ended if ended.tzinfo else ended.replace(tzinfo=UTC)).timestamp()
+    return float(ended) if ended is not None else 0.0
+
+
+def _jobs_in(queue: Queue, state: str, limit: int) -> list[Job]:
+    """Up to `limit` jobs whose state is `state`, newest first."""
+    sources = SOURCES.get(state, (state,))
+    ids = [job_id for source in sources for job_id in job_ids(queue, source, limit)]
+    found = [job for job in Job.fetch_many(ids, connection=queue.connection, serializer=JSONSerializer)
+             if job is not None and state_of(job) == state]
+    if state in FINAL_STATES:  # registries order by expiry, in whole seconds: order by end time
+        found.sort(key=_newest_first, reverse=True)
+    return found
 
 
 def list_jobs(queue: Queue, *, function: str | None = None, states: Iterable[str] = STATES,
@@ -147,14 +201,13 @@ def list_jobs(queue: Queue, *, function: str | None = None, states: Iterable[str
     found: list[dict[str, Any]] = []
     for state in states:
         # A function filter needs the job records: read more ids than asked for when filtering.
-        ids = job_ids(queue, state, limit if function is None else max(limit * 20, 1000))
-        for job in Job.fetch_many(ids, connection=queue.connection, serializer=JSONSerializer):
-            if job is None:
-                continue
+        count = 0
+        for job in _jobs_in(queue, state, limit if function is None else max(limit * 20, 1000)):
             if function is not None and (job.meta or {}).get("function", job.description) != function:
                 continue
             found.append(view(job, queue))
-            if len([j for j in found if j["state"] == state]) >= limit:
+            count += 1
+            if count >= limit:
                 break
     return found
 
@@ -165,6 +218,8 @@ def cancel(queue: Queue, job: Job, callback_retry_delays: tuple[int, ...] = ()) 
 
     state = state_of(job)
     if state in ("queued", "scheduled"):
+        job.meta = {**(job.meta or {}), "canceled_at": time.time()}
+        job.save_meta()
         job.cancel()
         enqueue_callback(job, callback_retry_delays)
     elif state == "running":
@@ -184,6 +239,7 @@ def replay(queue: Queue, job: Job) -> dict[str, Any]:
     retries = int(meta.get("max_attempts", 1)) - 1
     job.retries_left = retries if retries > 0 else None
     meta.pop("error", None)
+    meta.pop("canceled_at", None)
     meta["attempts"] = 0
     job.meta = meta
     job.save()
@@ -202,6 +258,8 @@ def replay_failed(queue: Queue, function: str | None) -> list[str]:
     for job in Job.fetch_many(ids, connection=queue.connection, serializer=JSONSerializer):
         if job is None or (function is not None and (job.meta or {}).get("function") != function):
             continue
+        if state_of(job) != "failed":  # stopped on request: canceled, not failed
+            continue
         try:
             replay(queue, job)
         except (JobStateError, InvalidJobOperation):
@@ -215,18 +273,23 @@ def purge(queue: Queue, *, function: str | None = None,
     """Delete finished jobs' records (of one function, if given); returns how many."""
     count = 0
     regs = registries(queue)
+    states = tuple(states)
     for state in states:
         if state not in FINAL_STATES:
             raise JobStateError(f"cannot purge {state!r} jobs: only succeeded, failed or canceled.")
-        registry = regs[state]
-        ids = registry.get_job_ids()
-        for job_id, job in zip(ids, Job.fetch_many(ids, connection=queue.connection, serializer=JSONSerializer),
-                               strict=True):
-            if job is None:
-                registry.remove(job_id)
-                continue
-            if function is not None and (job.meta or {}).get("function") != function:
-                continue
-            registry.remove(job, delete_job=True)
-            count += 1
+    for state in states:
+        for source in SOURCES.get(state, (state,)):
+            registry = regs[source]
+            ids = registry.get_job_ids()
+            for job_id, job in zip(ids, Job.fetch_many(ids, connection=queue.connection,
+                                                       serializer=JSONSerializer), strict=True):
+                if job is None:
+                    registry.remove(job_id)
+                    continue
+                if state_of(job) != state:
+                    continue
+                if function is not None and (job.meta or {}).get("function") != function:
+                    continue
+                registry.remove(job, delete_job=True)
+                count += 1
     return count

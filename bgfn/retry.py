@@ -94,7 +94,10 @@ def validate_retry_setting(key: str, value: Any, where: str) -> Any:
         if not isinstance(value, list | tuple) or not value:
             raise ConfigError(f"{where} retry_delays = {value!r}: expected a non-empty list of seconds, "
                               "e.g. retry_delays = [60, 120].")
-        return tuple(_number(v, where, "retry_delays", example="[60, 120]") for v in value)
+        if any(isinstance(v, bool) or not isinstance(v, int | float) or v < 0 for v in value):
+            raise ConfigError(f"{where} retry_delays = {value!r}: expected a list of seconds, each a number >= 0, "
+                              "e.g. retry_delays = [60, 120].")
+        return tuple(float(v) for v in value)
     if key == "retry_backoff":
         if not isinstance(value, Mapping) or "base" not in value:
             raise ConfigError(f"{where} retry_backoff = {value!r}: expected a table with at least `base`, e.g. "
@@ -110,7 +113,8 @@ def validate_retry_setting(key: str, value: Any, where: str) -> Any:
             jitter=_number(value.get("jitter", 0.1), where, "retry_backoff.jitter", example="0.2"),
         )
         if backoff.jitter > 1:
-            raise ConfigError(f"{where} retry_backoff.jitter = {backoff.jitter!r}: expected a fraction from 0 to 1.")
+            raise ConfigError(f"{where} retry_backoff.jitter = {value['jitter']!r}: expected a fraction from 0 to 1, "
+                              "e.g. retry_backoff.jitter = 0.2.")
         return backoff
     if key == "max_event_age":
         return _number(value, where, "max_event_age", minimum=1.0, example="3600")
