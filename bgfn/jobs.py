@@ -64,6 +64,13 @@ def _iso(value: datetime | float | None) -> str | None:
     return value.isoformat().replace("+00:00", "Z")
 
 
+def is_invocation(job: Job) -> bool:
+    """Whether `job` runs a function (rather than delivering a completion callback)."""
+    from bgfn.queue import JOB_FUNCTION
+
+    return job.func_name == JOB_FUNCTION
+
+
 def fetch(connection: redis.Redis, job_id: str) -> Job:
     if not job_id or len(job_id) > 200:
         raise JobNotFound(job_id)
@@ -203,6 +210,8 @@ def list_jobs(queue: Queue, *, function: str | None = None, states: Iterable[str
         # A function filter needs the job records: read more ids than asked for when filtering.
         count = 0
         for job in _jobs_in(queue, state, limit if function is None else max(limit * 20, 1000)):
+            if not is_invocation(job):
+                continue  # a completion-callback delivery: bookkeeping, not a function's job
             if function is not None and (job.meta or {}).get("function", job.description) != function:
                 continue
             found.append(view(job, queue))
@@ -256,7 +265,9 @@ def replay_failed(queue: Queue, function: str | None) -> list[str]:
     ids = FailedJobRegistry(queue=queue).get_job_ids()
     replayed: list[str] = []
     for job in Job.fetch_many(ids, connection=queue.connection, serializer=JSONSerializer):
-        if job is None or (function is not None and (job.meta or {}).get("function") != function):
+        if job is None or not is_invocation(job):
+            continue
+        if function is not None and (job.meta or {}).get("function") != function:
             continue
         if state_of(job) != "failed":  # stopped on request: canceled, not failed
             continue

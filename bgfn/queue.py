@@ -46,11 +46,6 @@ def new_request_id() -> str:
     return str(uuid.uuid4())
 
 
-def callback_queue_name(queue: str) -> str:
-    """The queue completion-callback deliveries go to (workers listen to it too)."""
-    return f"{queue}-callbacks"
-
-
 def retry_policy(delays: list[int]) -> Retry | None:
     return Retry(max=len(delays), interval=delays) if delays else None
 
@@ -87,7 +82,9 @@ def enqueue_callback(job: Job, retry_delays: tuple[int, ...]) -> Job | None:
     url = (job.meta or {}).get("callback_url")
     if not url:
         return None
-    deliveries = Queue(callback_queue_name(job.origin), connection=job.connection, serializer=JSONSerializer)
+    # Same queue as the invocations: a worker listening to one queue dequeues with RQ's crash-safe LMOVE
+    # (with several queues RQ falls back to BLPOP, which can lose a job popped by a worker killed then).
+    deliveries = Queue(job.origin, connection=job.connection, serializer=JSONSerializer)
     return deliveries.enqueue_call(
         DELIVERY_FUNCTION, args=(job.id, url), timeout=60, retry=retry_policy(list(retry_delays)),
         result_ttl=defaults.RESULT_TTL, failure_ttl=defaults.FAILURE_TTL,

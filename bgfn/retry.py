@@ -19,6 +19,9 @@ from typing import Any
 
 from bgfn.errors import ConfigError
 
+MAX_ATTEMPTS = 100
+"""Most attempts a function may ask for: each retry's delay is stored with its job."""
+
 RETRY_KEYS = frozenset({"max_attempts", "retry_delays", "retry_backoff", "max_event_age"})
 
 
@@ -86,9 +89,9 @@ def _number(value: Any, where: str, key: str, *, minimum: float = 0.0, example: 
 def validate_retry_setting(key: str, value: Any, where: str) -> Any:
     """Check one retry key's value; returns it normalised (shared by bgfn.toml and module config)."""
     if key == "max_attempts":
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{where} max_attempts = {value!r}: expected a whole number >= 1 (attempts in all, "
-                              "the first included), e.g. max_attempts = 3.")
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_ATTEMPTS:
+            raise ConfigError(f"{where} max_attempts = {value!r}: expected a whole number from 1 to {MAX_ATTEMPTS} "
+                              "(attempts in all, the first included), e.g. max_attempts = 3.")
         return value
     if key == "retry_delays":
         if not isinstance(value, list | tuple) or not value:

@@ -44,7 +44,7 @@ from bgfn.discovery import Registry, load_registry
 from bgfn.errors import FunctionNotFound
 from bgfn.event import LambdaContext
 from bgfn.invoke import call_handler, timeout_message
-from bgfn.queue import JOB_FUNCTION, callback_queue_name, enqueue_callback, make_queue
+from bgfn.queue import JOB_FUNCTION, enqueue_callback, make_queue
 from bgfn.settings import Settings
 
 log = logging.getLogger("bgfn.worker")
@@ -388,7 +388,7 @@ def run_workers(settings: Settings, registry: Registry, connection: redis.Redis,
     """Run `settings.worker_processes` RQ workers on the queues until stopped (SIGTERM/SIGINT)."""
     set_registry(registry, settings)
     level = settings.log_level
-    names = [settings.queue, callback_queue_name(settings.queue)]
+    names = [settings.queue]  # one queue: RQ dequeues it crash-safely (LMOVE); see enqueue_callback
     if settings.worker_processes == 1:
         _work_through_outages(names, connection, burst=burst, level=level)
         return

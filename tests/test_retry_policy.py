@@ -140,13 +140,16 @@ WHERE = 'bgfn.toml: [functions."job-background"]'
 
 @pytest.mark.parametrize(("setting", "message"), [
     ("max_attempts = 0",
-     f"{WHERE} max_attempts = 0: expected a whole number >= 1 (attempts in all, the first included), "
+     f"{WHERE} max_attempts = 0: expected a whole number from 1 to 100 (attempts in all, the first included), "
      "e.g. max_attempts = 3."),
     ("max_attempts = 2.5",
-     f"{WHERE} max_attempts = 2.5: expected a whole number >= 1 (attempts in all, the first included), "
+     f"{WHERE} max_attempts = 2.5: expected a whole number from 1 to 100 (attempts in all, the first included), "
+     "e.g. max_attempts = 3."),
+    ("max_attempts = 101",
+     f"{WHERE} max_attempts = 101: expected a whole number from 1 to 100 (attempts in all, the first included), "
      "e.g. max_attempts = 3."),
     ('max_attempts = "3"',
-     f"{WHERE} max_attempts = '3': expected a whole number >= 1 (attempts in all, the first included), "
+     f"{WHERE} max_attempts = '3': expected a whole number from 1 to 100 (attempts in all, the first included), "
      "e.g. max_attempts = 3."),
     ("retry_delays = []",
      f"{WHERE} retry_delays = []: expected a non-empty list of seconds, e.g. retry_delays = [60, 120]."),
