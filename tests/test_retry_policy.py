@@ -193,7 +193,7 @@ def test_bad_retry_settings_in_bgfn_toml_are_named_exactly(
 
 
 @pytest.mark.parametrize(("config", "quoted"), [
-    ('{"max_attempts": 0}', "max_attempts = 0: expected a whole number >= 1"),
+    ('{"max_attempts": 0}', "max_attempts = 0: expected a whole number from 1 to 100"),
     ('{"retry_delays": "60,120"}', "retry_delays = '60,120': expected a non-empty list of seconds"),
     ('{"retry_backoff": {"base": 1, "jitter": 1.5}}', "retry_backoff.jitter = 1.5: expected a fraction from 0 to 1"),
     ('{"max_event_age": -5}', "max_event_age = -5: expected a number >= 1"),
