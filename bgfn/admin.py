@@ -55,7 +55,7 @@ def _with_queue(state: BgfnState, action: Callable[[Queue], Response]) -> Respon
         return _redis_down(exc)
 
 
-def _authorized(state: BgfnState) -> Response | None:
+def authorize(state: BgfnState) -> Response | None:
     """None when the request carries the admin token; else the answer to send."""
     token = state.settings.admin_token
     if not token:
@@ -99,7 +99,7 @@ def register(app: Flask, state: BgfnState) -> None:
 
     def admin(action: Callable[..., Any]) -> Callable[..., Response]:
         def view(**kwargs: str) -> Response:
-            refused = _authorized(state)
+            refused = authorize(state)
             if refused is not None:
                 return refused
             return _with_queue(state, lambda q: jsonify(action(q, **kwargs)))

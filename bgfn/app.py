@@ -6,8 +6,10 @@ import ipaddress
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -35,6 +37,8 @@ BGFN_PREFIX = "/.bgfn/"
 NOT_FOUND_TEXT = "Function not found..."
 BAD_NAME_TEXT = "Function name should consist only of alphanumeric characters, hyphen & underscores."
 JOB_ID_HEADER = "X-Bgfn-Job-Id"
+REFUSAL_REASONS = {400: "bad_request", 409: "idempotency_conflict", 413: "too_large", 429: "queue_full",
+                   503: "redis_unavailable"}
 REPEAT_HEADER = "X-Bgfn-Idempotent-Replay"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 
@@ -51,6 +55,7 @@ class BgfnState:
     invoker: Invoker
     redis: redis.Redis | None
     queue: Queue | None
+    metrics: ModuleType
 
 
 def create_app(settings: Settings, registry: Registry, connection: redis.Redis | None = None,
@@ -59,9 +64,11 @@ def create_app(settings: Settings, registry: Registry, connection: redis.Redis |
     app = Flask("bgfn")
     app.url_map.merge_slashes = False
     app.url_map.strict_slashes = False
+    from bgfn import metrics  # imported late: `bgfn serve` first picks prometheus-client's storage
+
     queue = make_queue(connection, settings.queue) if connection is not None else None
     state = BgfnState(settings=settings, registry=registry, invoker=Invoker(on_stuck=on_stuck),
-                      redis=connection, queue=queue)
+                      redis=connection, queue=queue, metrics=metrics)
     app.extensions["bgfn"] = state
 
     # Rules with methods=None match every method, OPTIONS and unusual ones included.
@@ -71,6 +78,7 @@ def create_app(settings: Settings, registry: Registry, connection: redis.Redis |
     app.add_url_rule("/.bgfn/health", "health", lambda: {"status": "ok"})
     app.add_url_rule("/.bgfn/ready", "ready", lambda: _ready_view(state))
     admin.register(app, state)
+    app.add_url_rule("/.bgfn/metrics", "metrics", lambda: _metrics_view(state))
 
     @app.errorhandler(404)
     def _not_found(_: Exception) -> Response:
@@ -136,7 +144,32 @@ def _function_view(state: BgfnState) -> Response:
     function = state.registry.functions.get(name)
     if function is None:
         return text_response(404, NOT_FOUND_TEXT)
+    request_id = new_request_id()
+    started = time.perf_counter()
+    response = _invoke(state, function, path, request_id)
+    _observe(state, function, request_id, response, time.perf_counter() - started)
+    return response
 
+
+def _observe(state: BgfnState, function: Function, request_id: str, response: Response, seconds: float) -> None:
+    """Count the invocation and write its one log line (the request id is the job id of a 202)."""
+    status = response.status_code
+    metrics = state.metrics
+    metrics.INVOCATIONS.labels(function.name, function.kind, str(status)).inc()
+    if not function.background:
+        metrics.SYNC_DURATION.labels(function.name).observe(seconds)
+    elif status == 202:
+        metrics.ACCEPTED.labels(function.name).inc()
+    else:
+        metrics.REFUSED.labels(function.name, REFUSAL_REASONS.get(status, str(status))).inc()
+    log.info("invocation %s %s %s -> %d in %.1f ms", function.name, function.kind, request_id, status,
+             seconds * 1000, extra={"event": "invocation", "function": function.name, "kind": function.kind,
+                                    "request_id": request_id, "status": status,
+                                    "duration_ms": round(seconds * 1000, 3)})
+
+
+def _invoke(state: BgfnState, function: Function, path: str, request_id: str) -> Response:
+    environ = request.environ
     limit = defaults.BACKGROUND_BODY_LIMIT if function.background else defaults.SYNC_BODY_LIMIT
     length = request.content_length
     if length is not None and length > limit:
@@ -148,7 +181,6 @@ def _function_view(state: BgfnState) -> Response:
     event = build_event(method=request.method, path=path, query=environ.get("QUERY_STRING", ""),
                         headers=_raw_headers(environ), body=body, scheme=request.scheme,
                         host=request.host, client_ip=_client_ip(environ, state.settings))
-    request_id = new_request_id()
     if function.background:
         return _accept_background(state, function, event, request_id)
     return _run_sync(state, function, event, request_id)
@@ -236,6 +268,18 @@ def _accept_background(state: BgfnState, function: Function, event: dict[str, An
         return _unavailable(function, exc)
     log.debug("background %s accepted as job %s", function.name, request_id)
     return _accepted(request_id)
+
+
+def _metrics_view(state: BgfnState) -> Response:
+    refused = admin.authorize(state)
+    if refused is not None:
+        return refused
+    try:
+        body, content_type = state.metrics.render(state.redis, [state.settings.queue])
+    except REDIS_ERRORS as exc:
+        return error_response(503, "ServiceUnavailable", f"Redis is unreachable, so job metrics cannot be read: "
+                              f"{exc}", headers={"Retry-After": str(defaults.RETRY_AFTER)})
+    return Response(body, content_type=content_type)
 
 
 def _ready_view(state: BgfnState) -> Response:

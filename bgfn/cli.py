@@ -59,8 +59,9 @@ def _load(settings: Settings) -> tuple[SiteConfig, Registry]:
 
 
 def _setup_logging(settings: Settings) -> None:
-    logging.basicConfig(level=settings.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from bgfn import logs
+
+    logs.setup(settings.log_level, settings.log_format)
 
 
 def _settings_help() -> str:

@@ -24,8 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-JOB_METRICS_KEY = "bgfn:metrics"
-BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0)
+from bgfn.stats import BUCKETS, JOB_METRICS_KEY
 
 INVOCATIONS = Counter("bgfn_invocations_total", "HTTP invocations answered, by function, kind and status code.",
                       ["function", "kind", "status"])
@@ -35,19 +34,6 @@ ACCEPTED = Counter("bgfn_background_accepted_total", "Background invocations sto
                    ["function"])
 REFUSED = Counter("bgfn_background_refused_total", "Background invocations refused (not stored), by reason.",
                   ["function", "reason"])
-
-
-def record_job_event(connection: redis.Redis | redis.client.Pipeline, function: str, event: str) -> None:
-    """Count a job event (succeeded, failed, retried) for `function` (one HINCRBY)."""
-    connection.hincrby(JOB_METRICS_KEY, f"{event}|{function}", 1)
-
-
-def record_job_duration(pipeline: redis.client.Pipeline, function: str, name: str, seconds: float) -> None:
-    """Add one observation to a Redis-kept histogram (`wait` or `run`) of `function`."""
-    bucket = next((b for b in BUCKETS if seconds <= b), None)
-    pipeline.hincrby(JOB_METRICS_KEY, f"{name}_bucket|{function}|{bucket if bucket is not None else '+Inf'}", 1)
-    pipeline.hincrbyfloat(JOB_METRICS_KEY, f"{name}_sum|{function}", seconds)
-    pipeline.hincrby(JOB_METRICS_KEY, f"{name}_count|{function}", 1)
 
 
 class RedisJobCollector(Collector):
@@ -67,7 +53,7 @@ class RedisJobCollector(Collector):
         raw = {k.decode(): v.decode() for k, v in results[0].items()}
         counters = {event: CounterMetricFamily(f"bgfn_jobs_{event}", f"Background jobs {event}, by function.",
                                                labels=["function"])
-                    for event in ("succeeded", "failed", "retried")}
+                    for event in ("succeeded", "failed", "retried", "canceled")}
         hist: dict[str, dict[str, dict[str, float]]] = {"wait": defaultdict(dict), "run": defaultdict(dict)}
         for field, value in raw.items():
             kind, _, rest = field.partition("|")

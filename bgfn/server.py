@@ -8,6 +8,8 @@ limit gets the worker recycled after its answer (see :mod:`bgfn.invoke`).
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from typing import Any
 
 from flask import Flask
@@ -34,6 +36,30 @@ def _recycle_worker(function: Function) -> None:
         worker.alive = False
 
 
+def _child_exit(server: Any, worker: Any) -> None:
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def prepare_metrics_dir() -> str:
+    """Give prometheus-client a fresh folder for the counters of every gunicorn process.
+
+    Must run before anything imports prometheus_client (bgfn.metrics is imported by create_app).
+    An operator's PROMETHEUS_MULTIPROC_DIR is used (and emptied); else a temporary folder.
+    """
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if path:
+        os.makedirs(path, exist_ok=True)
+        for name in os.listdir(path):
+            if name.endswith(".db"):
+                os.unlink(os.path.join(path, name))
+    else:
+        path = tempfile.mkdtemp(prefix="bgfn-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    return path
+
+
 def gunicorn_options(settings: Settings, registry: Registry) -> dict[str, Any]:
     longest = max([f.timeout for f in registry if not f.background] or [settings.sync_timeout])
     return {
@@ -45,6 +71,7 @@ def gunicorn_options(settings: Settings, registry: Registry) -> dict[str, Any]:
         "graceful_timeout": int(longest + defaults.HARD_KILL_GRACE),
         "preload_app": True,
         "pre_request": _pre_request,
+        "child_exit": _child_exit,
         "loglevel": settings.log_level.lower(),
         "accesslog": "-" if settings.dev else None,
         "proc_name": "bgfn-web",
@@ -56,6 +83,7 @@ class GunicornServer(BaseApplication):
     """gunicorn configured from bgfn's settings, serving an already-loaded registry."""
 
     def __init__(self, settings: Settings, registry: Registry) -> None:
+        prepare_metrics_dir()
         self.settings = settings
         self.registry = registry
         super().__init__()

@@ -89,6 +89,13 @@ def _lost_timeout(text: str) -> int:
     return value
 
 
+def _log_format(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("text", "json"):
+        raise ValueError
+    return value
+
+
 def _text(text: str) -> str:
     if not text.strip():
         raise ValueError
@@ -163,6 +170,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("shutdown_grace", "BGFN_SHUTDOWN_GRACE", _positive_int, "a whole number of seconds >= 1",
             "BGFN_SHUTDOWN_GRACE=30",
             "How long a worker told to stop lets its job finish before handing it back (seconds).", None),
+    Setting("log_format", "BGFN_LOG_FORMAT", _log_format, "text or json", "BGFN_LOG_FORMAT=json",
+            "Log lines as text, or as JSON objects one per line.", None),
     Setting("log_level", "BGFN_LOG_LEVEL", _log_level, "DEBUG, INFO, WARNING or ERROR", "BGFN_LOG_LEVEL=INFO",
             "Level of bgfn's log lines.", "--log-level"),
 )
@@ -194,6 +203,7 @@ class Settings:
     callback_retry_delays: tuple[int, ...] = defaults.CALLBACK_RETRY_DELAYS
     lost_job_timeout: int = defaults.LOST_JOB_TIMEOUT
     shutdown_grace: int = defaults.SHUTDOWN_GRACE
+    log_format: str = "text"
     log_level: str = defaults.LOG_LEVEL
 
     @classmethod

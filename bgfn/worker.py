@@ -38,7 +38,7 @@ from rq.timeouts import JobTimeoutException
 from rq.utils import now
 from rq.worker_pool import WorkerPool
 
-from bgfn import defaults
+from bgfn import defaults, stats
 from bgfn.config import load_site
 from bgfn.discovery import Registry, load_registry
 from bgfn.errors import FunctionNotFound
@@ -155,6 +155,18 @@ def _save(job: Job | None) -> None:
         log.warning("job %s: could not save its record's details: %s", job.id, exc)
 
 
+def _fields(event: str, function: str, job_id: str, attempt: int, started: float | None = None,
+            error: str | None = None) -> dict[str, Any]:
+    """The structured fields of a job's log line (JSON logs); the job id is the 202's request id."""
+    fields: dict[str, Any] = {"event": event, "function": function, "job_id": job_id, "request_id": job_id,
+                              "attempt": attempt, "kind": "background"}
+    if started is not None:
+        fields["duration_ms"] = round((time.monotonic() - started) * 1000, 3)
+    if error is not None:
+        fields["error"] = error
+    return fields
+
+
 def run_job(function_name: str, event: dict[str, Any], meta: dict[str, Any]) -> Any:
     """The RQ job function: run one background invocation in this work horse."""
     job = get_current_job()
@@ -188,8 +200,11 @@ def run_job(function_name: str, event: dict[str, Any], meta: dict[str, Any]) -> 
     record["attempts"] = attempt
     record.pop("error", None)
     _save(job)
+    if attempt == 1 and job is not None:
+        stats.record(job.connection, function_name, durations={"wait": max(0.0, waited)})
     log.info("background %s job %s: attempt %d of %d started (%.3f s after accept)",
-             function_name, request_id, attempt, function.retry.max_attempts, waited)
+             function_name, request_id, attempt, function.retry.max_attempts, waited,
+             extra=_fields("job_started", function_name, request_id, attempt))
 
     tail = _LogTail(defaults.JOB_LOG_LIMIT)
     previous = (sys.stdout, sys.stderr)
@@ -207,7 +222,9 @@ def run_job(function_name: str, event: dict[str, Any], meta: dict[str, Any]) -> 
         else:
             record["error"] = {"type": type(exc).__name__, "message": str(exc)}
         log.warning("background %s job %s: attempt %d raised %s: %s after %.3f s", function_name,
-                    request_id, attempt, type(exc).__name__, exc, time.monotonic() - started)
+                    request_id, attempt, type(exc).__name__, exc, time.monotonic() - started,
+                    extra=_fields("job_failed", function_name, request_id, attempt, started,
+                                  error=f"{type(exc).__name__}: {exc}"))
         raise
     finally:
         logging.getLogger().removeHandler(handler)
@@ -215,8 +232,10 @@ def run_job(function_name: str, event: dict[str, Any], meta: dict[str, Any]) -> 
         record["logs"] = tail.text()
         record["logs_truncated"] = tail.dropped > 0
         _save(job)
+        if job is not None:
+            stats.record(job.connection, function_name, durations={"run": time.monotonic() - started})
     log.info("background %s job %s: attempt %d succeeded in %.3f s", function_name, request_id, attempt,
-             time.monotonic() - started)
+             time.monotonic() - started, extra=_fields("job_succeeded", function_name, request_id, attempt, started))
     return _json_safe(result)
 
 
@@ -272,6 +291,7 @@ class BgfnWorker(Worker):
 
     def handle_job_success(self, job: Job, queue: Queue, *args: Any, **kwargs: Any) -> None:
         super().handle_job_success(job, queue, *args, **kwargs)
+        self._count(job, "succeeded")
         self._send_callback(job)
 
     def handle_job_failure(self, job: Job, queue: Queue, started_job_registry: Any = None, exc_string: str = "",
@@ -279,8 +299,12 @@ class BgfnWorker(Worker):
         if self._handing_back != job.id:
             super().handle_job_failure(job, queue, started_job_registry=started_job_registry,
                                        exc_string=exc_string, execution=execution)
-            if job.get_status(refresh=False) in (JobStatus.FAILED, JobStatus.STOPPED):
+            status = job.get_status(refresh=False)
+            if status in (JobStatus.FAILED, JobStatus.STOPPED):
+                self._count(job, "failed" if status == JobStatus.FAILED else "canceled")
                 self._send_callback(job)
+            else:
+                self._count(job, "retried")
             return
         self._handing_back = None
         job.refresh()
@@ -294,6 +318,10 @@ class BgfnWorker(Worker):
             queue._enqueue_job(job, pipeline=pipeline, at_front=True)
             pipeline.execute()
         self.log.info("Worker %s: job %s handed back to the front of queue %s", self.name, job.id, queue.name)
+
+    def _count(self, job: Job, event: str) -> None:
+        if job.func_name == JOB_FUNCTION:
+            stats.record(self.connection, str((job.meta or {}).get("function", job.description)), event=event)
 
     def _send_callback(self, job: Job) -> None:
         if job.func_name != JOB_FUNCTION:
