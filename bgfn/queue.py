@@ -62,17 +62,23 @@ def enqueue_invocation(queue: Queue, function: Function, event: dict[str, Any], 
     if callback_url is not None:
         meta["callback_url"] = callback_url
     try:
-        return queue.enqueue_call(
-            JOB_FUNCTION,
-            args=(function.name, event, {"request_id": request_id, "accepted_at": accepted_at}),
-            timeout=max(1, int(round(function.timeout))),
-            result_ttl=defaults.RESULT_TTL,
-            failure_ttl=defaults.FAILURE_TTL,
-            description=function.name,
-            job_id=request_id,
-            retry=retry_policy(function.retry.job_delays()),
-            meta=meta,
-        )
+        # One MULTI/EXEC round trip: the job hash, its queue entry and the queue's registration are
+        # stored together or not at all (RQ's own enqueue without a pipeline takes two).
+        with queue.connection.pipeline() as pipe:
+            job = queue.enqueue_call(
+                JOB_FUNCTION,
+                args=(function.name, event, {"request_id": request_id, "accepted_at": accepted_at}),
+                timeout=max(1, int(round(function.timeout))),
+                result_ttl=defaults.RESULT_TTL,
+                failure_ttl=defaults.FAILURE_TTL,
+                description=function.name,
+                job_id=request_id,
+                retry=retry_policy(function.retry.job_delays()),
+                meta=meta,
+                pipeline=pipe,
+            )
+            pipe.execute()
+        return job
     except REDIS_ERRORS as exc:
         raise QueueUnavailable(f"Redis did not take the job: {type(exc).__name__}: {exc}") from exc
 
