@@ -8,7 +8,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -19,13 +19,14 @@ from rq import Queue
 from werkzeug.routing import Rule
 from werkzeug.wrappers import Response
 
-from bgfn import admin, defaults, idempotency
+from bgfn import admin, defaults, idempotency, stats
 from bgfn.admin import status_url
 from bgfn.callbacks import CALLBACK_HEADER, CallbackRejected, check_url
 from bgfn.discovery import NAME_RULE, Function, Registry
 from bgfn.errors import QueueUnavailable
 from bgfn.event import build_event
 from bgfn.invoke import Invoker
+from bgfn.limits import Limits, Refusal
 from bgfn.queue import REDIS_ERRORS, enqueue_invocation, make_queue, new_request_id
 from bgfn.response import InvalidResponse, RawResponse, error_response, map_response, text_response
 from bgfn.settings import Settings
@@ -56,6 +57,8 @@ class BgfnState:
     redis: redis.Redis | None
     queue: Queue | None
     metrics: ModuleType
+    limits: Limits | None = None
+    sync_slots: dict[str, threading.BoundedSemaphore] = field(default_factory=dict)
 
 
 def create_app(settings: Settings, registry: Registry, connection: redis.Redis | None = None,
@@ -68,7 +71,11 @@ def create_app(settings: Settings, registry: Registry, connection: redis.Redis |
 
     queue = make_queue(connection, settings.queue) if connection is not None else None
     state = BgfnState(settings=settings, registry=registry, invoker=Invoker(on_stuck=on_stuck),
-                      redis=connection, queue=queue, metrics=metrics)
+                      redis=connection, queue=queue, metrics=metrics,
+                      limits=Limits(connection, settings) if connection is not None else None)
+    for function in registry:
+        if not function.background and function.settings.get("sync_concurrency"):
+            state.sync_slots[function.name] = threading.BoundedSemaphore(function.settings["sync_concurrency"])
     app.extensions["bgfn"] = state
 
     # Rules with methods=None match every method, OPTIONS and unusual ones included.
@@ -161,7 +168,8 @@ def _observe(state: BgfnState, function: Function, request_id: str, response: Re
     elif status == 202:
         metrics.ACCEPTED.labels(function.name).inc()
     else:
-        metrics.REFUSED.labels(function.name, REFUSAL_REASONS.get(status, str(status))).inc()
+        reason = getattr(response, "bgfn_reason", None) or REFUSAL_REASONS.get(status, str(status))
+        metrics.REFUSED.labels(function.name, reason).inc()
     log.info("invocation %s %s %s -> %d in %.1f ms", function.name, function.kind, request_id, status,
              seconds * 1000, extra={"event": "invocation", "function": function.name, "kind": function.kind,
                                     "request_id": request_id, "status": status,
@@ -198,6 +206,21 @@ def _human(size: int) -> str:
 
 
 def _run_sync(state: BgfnState, function: Function, event: dict[str, Any], request_id: str) -> Response:
+    slots = state.sync_slots.get(function.name)
+    if slots is None:
+        return _run_sync_unlimited(state, function, event, request_id)
+    if not slots.acquire(blocking=False):
+        limit = function.settings["sync_concurrency"]
+        return error_response(429, "TooManyRequests", f"{function.name!r} already runs {limit} calls in this web "
+                              f"process (its sync_concurrency is {limit}); try again shortly.",
+                              headers={"Retry-After": "1"})
+    try:
+        return _run_sync_unlimited(state, function, event, request_id)
+    finally:
+        slots.release()
+
+
+def _run_sync_unlimited(state: BgfnState, function: Function, event: dict[str, Any], request_id: str) -> Response:
     outcome = state.invoker.invoke(function, event, request_id)
     if outcome.timed_out:
         return error_response(502, "TimeoutError", outcome.error_message or "")
@@ -254,6 +277,11 @@ def _accept_background(state: BgfnState, function: Function, event: dict[str, An
                 return error_response(409, "IdempotencyConflict", f"A request with Idempotency-Key {key[:60]!r} "
                                       "is still being stored; send it again in a moment.",
                                       headers={"Retry-After": "1"})
+        refusal = state.limits.check(function) if state.limits is not None else None
+        if refusal is not None:
+            if key is not None:
+                idempotency.release(state.queue.connection, function.name, key, request_id)
+            return _refused(state, function, refusal)
         enqueue_invocation(state.queue, function, event, request_id,
                            callback_url=callback_url.strip() if callback_url else None)
     except idempotency.IdempotencyKeyError as exc:
@@ -266,8 +294,19 @@ def _accept_background(state: BgfnState, function: Function, event: dict[str, An
             except REDIS_ERRORS:
                 pass
         return _unavailable(function, exc)
-    log.debug("background %s accepted as job %s", function.name, request_id)
+    if state.limits is not None:
+        state.limits.accepted(function)
     return _accepted(request_id)
+
+
+def _refused(state: BgfnState, function: Function, refusal: Refusal) -> Response:
+    assert state.queue is not None
+    stats.record(state.queue.connection, function.name, event="refused")
+    response = error_response(429, refusal.error_type, f"{refusal.message} The invocation of {function.name!r} was "
+                              f"not stored; send it again after {refusal.retry_after} seconds.",
+                              headers={"Retry-After": str(refusal.retry_after)})
+    response.bgfn_reason = refusal.error_type  # type: ignore[attr-defined]
+    return response
 
 
 def _metrics_view(state: BgfnState) -> Response:

@@ -315,9 +315,16 @@ def jobs(ctx: click.Context, function: str | None, states: tuple[str, ...], limi
     with _jobs_errors():
         q = _job_queue(ctx, redis_url, queue)
         listed = jobs_api.list_jobs(q, function=function, states=states or jobs_api.STATES, limit=limit)
-    if as_json:
+        summary = None if as_json else jobs_api.queue_summary(q)
+    if summary is None:
         click.echo(json.dumps(listed, indent=2))
         return
+    oldest = f"{summary['oldest_age']:.1f} s" if summary["oldest_age"] is not None else "-"
+    click.echo(f"queue {summary['queue']}: {summary['depth']} waiting, oldest waited {oldest}")
+    for name, figures in sorted(summary["functions"].items()):
+        if function is None or name == function:
+            click.echo(f"  {name}: {figures['waiting']} waiting to start, {figures['refused']} refused")
+    click.echo("")
     click.echo(f"{'ID':<36}  {'FUNCTION':<24}  {'STATE':<9}  {'TRIES':<5}  {'ACCEPTED':<27}  ERROR")
     for job in listed:
         error = job.get("error") or {}

@@ -25,7 +25,8 @@ NETLIFY_FUNCTION_KEYS = frozenset(
 )
 # Keys bgfn reads for a function, and where each may be set.
 NETLIFY_TOML_KEYS = frozenset({"background", "schedule"})
-BGFN_TOML_KEYS = frozenset({"background", "timeout"}) | RETRY_KEYS
+LIMIT_KEYS = frozenset({"max_queued", "concurrency", "sync_concurrency"})
+BGFN_TOML_KEYS = frozenset({"background", "timeout"}) | RETRY_KEYS | LIMIT_KEYS
 
 
 @dataclass(frozen=True)
@@ -202,6 +203,10 @@ def validate_function_setting(key: str, value: Any, where: str) -> Any:
         return float(value)
     if key in RETRY_KEYS:
         return validate_retry_setting(key, value, where)
+    if key in LIMIT_KEYS:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{where} {key} = {value!r}: expected a whole number >= 1, e.g. {key} = 10.")
+        return value
     if key == "schedule":
         if not isinstance(value, str) or not value.strip():
             raise ConfigError(f'{where} schedule = {value!r}: expected a cron expression, e.g. "@hourly".')

@@ -93,3 +93,16 @@ RELOAD_POLL_INTERVAL = 1.0
 
 LOG_LEVEL = "INFO"
 """Log level of bgfn's own loggers."""
+
+MAX_QUEUED = 100_000
+"""Most background jobs that may wait in the queue before calls are refused with 429 (count)."""
+
+MAX_QUEUE_AGE = 3600
+"""Oldest the first waiting job may be before calls are refused with 429 (seconds)."""
+
+LIMITS_CACHE = 0.1
+"""How long a web process reuses a queue-depth reading while far below the caps (seconds); near a
+cap (over 90 % of it) every call reads afresh."""
+
+DRAIN_WINDOW = 10.0
+"""Window over which the web estimates the drain rate for Retry-After (seconds)."""

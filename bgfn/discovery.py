@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bgfn.config import SiteConfig, validate_function_setting
+from bgfn.config import LIMIT_KEYS, SiteConfig, validate_function_setting
 from bgfn.errors import ConfigError, FunctionLoadError, FunctionNotFound
 from bgfn.retry import RETRY_KEYS, RetryPolicy, default_policy, policy_from_settings
 from bgfn.settings import Settings
@@ -27,7 +27,7 @@ from bgfn.settings import Settings
 NAME_RULE = re.compile(r"^[A-Za-z0-9_-]+$")
 BACKGROUND_SUFFIX = "-background"
 MODULE_PREFIX = "bgfn_functions"
-CODE_CONFIG_KEYS = frozenset({"background", "schedule", "timeout"}) | RETRY_KEYS
+CODE_CONFIG_KEYS = frozenset({"background", "schedule", "timeout"}) | RETRY_KEYS | LIMIT_KEYS
 
 
 @dataclass(frozen=True)

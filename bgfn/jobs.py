@@ -221,6 +221,14 @@ def list_jobs(queue: Queue, *, function: str | None = None, states: Iterable[str
     return found
 
 
+def _uncount_waiting(job: Job) -> None:
+    from bgfn.queue import WAITING_KEY
+
+    meta = job.meta or {}
+    if is_invocation(job) and meta.get("function") and not int(meta.get("attempts", 0)):
+        job.connection.hincrby(WAITING_KEY, str(meta["function"]), -1)
+
+
 def cancel(queue: Queue, job: Job, callback_retry_delays: tuple[int, ...] = ()) -> dict[str, Any]:
     """Cancel a queued or scheduled job; stop a running one. Final jobs are left as they are."""
     from bgfn.queue import enqueue_callback
@@ -230,6 +238,7 @@ def cancel(queue: Queue, job: Job, callback_retry_delays: tuple[int, ...] = ()) 
         job.meta = {**(job.meta or {}), "canceled_at": time.time()}
         job.save_meta()
         job.cancel()
+        _uncount_waiting(job)
         enqueue_callback(job, callback_retry_delays)
     elif state == "running":
         send_stop_job_command(queue.connection, job.id, serializer=JSONSerializer)
@@ -256,6 +265,10 @@ def replay(queue: Queue, job: Job) -> dict[str, Any]:
         registry.remove(job)
     job.started_at = job.ended_at = None
     queue.enqueue_job(job)
+    if meta.get("function"):
+        from bgfn.queue import WAITING_KEY
+
+        job.connection.hincrby(WAITING_KEY, str(meta["function"]), 1)  # waits for its first run again
     job.refresh()
     return view(job, queue)
 
@@ -304,3 +317,32 @@ def purge(queue: Queue, *, function: str | None = None,
                 registry.remove(job, delete_job=True)
                 count += 1
     return count
+
+
+def queue_summary(queue: Queue) -> dict[str, Any]:
+    """Backpressure at a glance: jobs waiting, the oldest one's age, and per function the invocations
+    waiting for their first run and the calls refused by a cap."""
+    from bgfn.queue import WAITING_KEY
+    from bgfn.stats import JOB_METRICS_KEY
+
+    connection = queue.connection
+    with connection.pipeline(transaction=False) as pipe:
+        pipe.llen(queue.key)
+        pipe.lindex(queue.key, 0)
+        pipe.hgetall(WAITING_KEY)
+        pipe.hgetall(JOB_METRICS_KEY)
+        depth, oldest, waiting, figures = pipe.execute()
+    age = None
+    if oldest is not None:
+        job = Job.fetch_many([oldest.decode()], connection=connection, serializer=JSONSerializer)[0]
+        if job is not None and job.enqueued_at is not None:
+            enqueued = job.enqueued_at if job.enqueued_at.tzinfo else job.enqueued_at.replace(tzinfo=UTC)
+            age = max(0.0, (datetime.now(UTC) - enqueued).total_seconds())
+    functions: dict[str, dict[str, int]] = {}
+    for name, count in waiting.items():
+        functions.setdefault(name.decode(), {"waiting": 0, "refused": 0})["waiting"] = max(0, int(count))
+    for field, count in figures.items():
+        kind, _, name = field.decode().partition("|")
+        if kind == "refused":
+            functions.setdefault(name, {"waiting": 0, "refused": 0})["refused"] = int(count)
+    return {"queue": queue.name, "depth": int(depth), "oldest_age": age, "functions": functions}

@@ -24,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from bgfn.queue import WAITING_KEY
 from bgfn.stats import BUCKETS, JOB_METRICS_KEY
 
 INVOCATIONS = Counter("bgfn_invocations_total", "HTTP invocations answered, by function, kind and status code.",
@@ -46,11 +47,14 @@ class RedisJobCollector(Collector):
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
         with self.connection.pipeline(transaction=False) as pipe:
             pipe.hgetall(JOB_METRICS_KEY)
+            pipe.hgetall(WAITING_KEY)
             for queue in self.queues:
                 pipe.llen(f"rq:queue:{queue}")
                 pipe.zcard(f"rq:scheduled:{queue}")
             results = pipe.execute()
         raw = {k.decode(): v.decode() for k, v in results[0].items()}
+        waiting = {k.decode(): max(0, int(v)) for k, v in results[1].items()}
+        results = [results[0], *results[2:]]
         counters = {event: CounterMetricFamily(f"bgfn_jobs_{event}", f"Background jobs {event}, by function.",
                                                labels=["function"])
                     for event in ("succeeded", "failed", "retried", "canceled")}
@@ -84,6 +88,18 @@ class RedisJobCollector(Collector):
             scheduled.add_metric([queue], float(results[2 + 2 * i]))
         yield depth
         yield scheduled
+        per_function = GaugeMetricFamily("bgfn_jobs_waiting", "Invocations waiting for their first run.",
+                                         labels=["function"])
+        for function, count in sorted(waiting.items()):
+            per_function.add_metric([function], float(count))
+        yield per_function
+        refused = CounterMetricFamily("bgfn_jobs_refused", "Background calls refused by a queue cap (all web "
+                                      "processes).", labels=["function"])
+        for field, value in raw.items():
+            kind, _, function = field.partition("|")
+            if kind == "refused":
+                refused.add_metric([function], float(value))
+        yield refused
 
 
 def render(connection: redis.Redis | None, queues: list[str]) -> tuple[bytes, str]:

@@ -12,7 +12,7 @@ import uuid
 from typing import Any
 
 import redis
-from rq import Queue, Retry
+from rq import Queue, RateLimit, Retry
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
@@ -22,6 +22,10 @@ from bgfn.discovery import Function
 from bgfn.errors import ConfigError, QueueUnavailable
 
 JOB_FUNCTION = "bgfn.worker.run_job"
+WAITING_KEY = "bgfn:waiting"
+"""Hash: function name -> invocations stored and not yet started (first attempt); see bgfn.limits."""
+STARTED_KEY = "bgfn:started"
+"""Counter of jobs the workers have started: its rate is the drain rate (bgfn.limits)."""
 
 REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
                 redis.exceptions.BusyLoadingError, redis.exceptions.ReadOnlyError,
@@ -61,22 +65,30 @@ def enqueue_invocation(queue: Queue, function: Function, event: dict[str, Any], 
                             "max_attempts": function.retry.max_attempts}
     if callback_url is not None:
         meta["callback_url"] = callback_url
+    options: dict[str, Any] = dict(
+        args=(function.name, event, {"request_id": request_id, "accepted_at": accepted_at}),
+        timeout=max(1, int(round(function.timeout))),
+        result_ttl=defaults.RESULT_TTL,
+        failure_ttl=defaults.FAILURE_TTL,
+        description=function.name,
+        job_id=request_id,
+        retry=retry_policy(function.retry.job_delays()),
+        meta=meta,
+    )
+    concurrency = function.settings.get("concurrency")
     try:
-        # One MULTI/EXEC round trip: the job hash, its queue entry and the queue's registration are
-        # stored together or not at all (RQ's own enqueue without a pipeline takes two).
+        if concurrency is not None:
+            # RQ's rate limiter holds the job back while `concurrency` of the function's jobs run; it
+            # takes no pipeline, so this path costs a second round trip.
+            job = queue.enqueue_call(JOB_FUNCTION, rate_limit=RateLimit(f"bgfn:{function.name}", concurrency),
+                                     **options)
+            queue.connection.hincrby(WAITING_KEY, function.name, 1)
+            return job
+        # One MULTI/EXEC round trip: the job hash, its queue entry, the queue's registration and the
+        # function's waiting count are stored together or not at all.
         with queue.connection.pipeline() as pipe:
-            job = queue.enqueue_call(
-                JOB_FUNCTION,
-                args=(function.name, event, {"request_id": request_id, "accepted_at": accepted_at}),
-                timeout=max(1, int(round(function.timeout))),
-                result_ttl=defaults.RESULT_TTL,
-                failure_ttl=defaults.FAILURE_TTL,
-                description=function.name,
-                job_id=request_id,
-                retry=retry_policy(function.retry.job_delays()),
-                meta=meta,
-                pipeline=pipe,
-            )
+            job = queue.enqueue_call(JOB_FUNCTION, pipeline=pipe, **options)
+            pipe.hincrby(WAITING_KEY, function.name, 1)
             pipe.execute()
         return job
     except REDIS_ERRORS as exc:

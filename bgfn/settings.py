@@ -170,6 +170,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("shutdown_grace", "BGFN_SHUTDOWN_GRACE", _positive_int, "a whole number of seconds >= 1",
             "BGFN_SHUTDOWN_GRACE=30",
             "How long a worker told to stop lets its job finish before handing it back (seconds).", None),
+    Setting("max_queued", "BGFN_MAX_QUEUED", _positive_int, "a whole number >= 1", "BGFN_MAX_QUEUED=100000",
+            "Most background jobs waiting in the queue; past it calls are answered 429.", None),
+    Setting("max_queue_age", "BGFN_MAX_QUEUE_AGE", _positive_int, "a whole number of seconds >= 1",
+            "BGFN_MAX_QUEUE_AGE=3600",
+            "Oldest a waiting job may get before new calls are answered 429 (seconds).", None),
     Setting("log_format", "BGFN_LOG_FORMAT", _log_format, "text or json", "BGFN_LOG_FORMAT=json",
             "Log lines as text, or as JSON objects one per line.", None),
     Setting("log_level", "BGFN_LOG_LEVEL", _log_level, "DEBUG, INFO, WARNING or ERROR", "BGFN_LOG_LEVEL=INFO",
@@ -203,6 +208,8 @@ class Settings:
     callback_retry_delays: tuple[int, ...] = defaults.CALLBACK_RETRY_DELAYS
     lost_job_timeout: int = defaults.LOST_JOB_TIMEOUT
     shutdown_grace: int = defaults.SHUTDOWN_GRACE
+    max_queued: int = defaults.MAX_QUEUED
+    max_queue_age: int = defaults.MAX_QUEUE_AGE
     log_format: str = "text"
     log_level: str = defaults.LOG_LEVEL
 

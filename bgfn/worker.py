@@ -44,7 +44,7 @@ from bgfn.discovery import Registry, load_registry
 from bgfn.errors import FunctionNotFound
 from bgfn.event import LambdaContext
 from bgfn.invoke import call_handler, timeout_message
-from bgfn.queue import JOB_FUNCTION, enqueue_callback, make_queue
+from bgfn.queue import JOB_FUNCTION, STARTED_KEY, WAITING_KEY, enqueue_callback, make_queue
 from bgfn.settings import Settings
 
 log = logging.getLogger("bgfn.worker")
@@ -271,7 +271,20 @@ class BgfnWorker(Worker):
         limit = _time_limit(job)
         if limit is not None and (job.timeout is None or job.timeout <= 0 or job.timeout > limit):
             job.timeout = limit
+        self._count_start(job)
         super().execute_job(job, queue)
+
+    def _count_start(self, job: Job) -> None:
+        """Feed backpressure (bgfn.limits): one more job started; one fewer waiting for its first run."""
+        try:
+            with self.connection.pipeline(transaction=False) as pipe:
+                pipe.incr(STARTED_KEY)
+                meta = job.meta or {}
+                if job.func_name == JOB_FUNCTION and not int(meta.get("attempts", 0)) and meta.get("function"):
+                    pipe.hincrby(WAITING_KEY, str(meta["function"]), -1)
+                pipe.execute()
+        except redis.exceptions.RedisError as exc:
+            self.log.warning("Worker %s: could not count the start of job %s: %s", self.name, job.id, exc)
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         """A running job's heartbeat lasts BGFN_LOST_JOB_TIMEOUT (RQ's own grace is 60 s)."""
@@ -315,8 +328,15 @@ class BgfnWorker(Worker):
         with self.connection.pipeline() as pipeline:
             self.cleanup_execution(job, pipeline=pipeline, execution=execution)
             job.save_meta()
-            queue._enqueue_job(job, pipeline=pipeline, at_front=True)
-            pipeline.execute()
+            if meta.get("function") and not meta["attempts"]:
+                pipeline.hincrby(WAITING_KEY, str(meta["function"]), 1)  # waiting for its first run again
+            if job.has_rate_limit:
+                pipeline.execute()
+                self._release_slot_safely(job)
+                queue.enqueue_job(job, at_front=True)  # back through RQ's limiter
+            else:
+                queue._enqueue_job(job, pipeline=pipeline, at_front=True)
+                pipeline.execute()
         self.log.info("Worker %s: job %s handed back to the front of queue %s", self.name, job.id, queue.name)
 
     def _count(self, job: Job, event: str) -> None:

@@ -290,7 +290,9 @@ def test_cli_lists_shows_and_filters_jobs(admin: FlaskClient, site: Path, redis_
 
     table = cli(redis_url)
     assert table.exit_code == 0, table.output
-    lines = table.output.splitlines()
+    summary, _, listing = table.output.partition("\n\n")
+    assert summary.splitlines()[0].startswith("queue bgfn: 0 waiting, oldest waited -")
+    lines = listing.splitlines()
     assert lines[0].split() == ["ID", "FUNCTION", "STATE", "TRIES", "ACCEPTED", "ERROR"]
     rows = {line.split()[0]: line for line in lines[1:]}
     assert set(rows) == {ok, flaky}
