@@ -73,6 +73,14 @@ def load(site: Path, **settings: Any) -> tuple[Settings, Registry]:
 
 
 @pytest.fixture
+def marks(tmp_path: Path) -> Path:
+    """A folder where test functions leave marker files (named by job id) to show they ran."""
+    path = tmp_path / "marks"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
 def make_client(redis_url: str) -> Callable[..., FlaskClient]:
     """The app for a site, in-process, on the test Redis."""
 

@@ -70,13 +70,6 @@ def site(make_site: Callable[..., Path]) -> Path:
 
 
 @pytest.fixture
-def marks(tmp_path: Path) -> Path:
-    path = tmp_path / "marks"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
 def client(site: Path, make_client: Callable[..., FlaskClient]) -> FlaskClient:
     return make_client(site)
 

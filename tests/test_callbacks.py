@@ -121,13 +121,6 @@ def site(make_site: Callable[..., Path]) -> Path:
     return make_site(SITE)
 
 
-@pytest.fixture
-def marks(tmp_path: Path) -> Path:
-    path = tmp_path / "marks"
-    path.mkdir()
-    return path
-
-
 def client_for(make_client: Callable[..., FlaskClient], site: Path, **settings: Any) -> FlaskClient:
     return make_client(site, callback_hosts=("127.0.0.1",), callback_secret=SECRET, **settings)
 

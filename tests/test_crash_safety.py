@@ -100,13 +100,6 @@ def site(make_site: Callable[..., Path]) -> Path:
     return make_site(SITE)
 
 
-@pytest.fixture
-def marks(tmp_path: Path) -> Path:
-    path = tmp_path / "marks"
-    path.mkdir()
-    return path
-
-
 def starts(marks: Path, job_id: str) -> list[tuple[float, int]]:
     """(time, worker pid) of each start of the job."""
     path = marks / job_id

@@ -92,13 +92,6 @@ def site(make_site: Callable[..., Path]) -> Path:
     return make_site(SITE)
 
 
-@pytest.fixture
-def marks(tmp_path: Path) -> Path:
-    path = tmp_path / "marks"
-    path.mkdir()
-    return path
-
-
 def accept(client: FlaskClient, name: str, query: str = "") -> str:
     response = client.post(f"/.netlify/functions/{name}{query}")
     assert response.status_code == 202, response.data

@@ -46,13 +46,6 @@ MARKING = """
 """
 
 
-@pytest.fixture
-def marks(tmp_path: Path) -> Path:
-    path = tmp_path / "marks"
-    path.mkdir()
-    return path
-
-
 def marked(marks: Path, job_id: str) -> list[float]:
     path = marks / job_id
     return [float(x) for x in path.read_text().split()] if path.exists() else []

@@ -76,13 +76,6 @@ def site(make_site: Callable[..., Path]) -> Path:
     return make_site(SITE)
 
 
-@pytest.fixture
-def marks(tmp_path: Path) -> Path:
-    path = tmp_path / "marks"
-    path.mkdir()
-    return path
-
-
 def fetch(redis_client: redis.Redis, job_id: str) -> Job:
     return Job.fetch(job_id, connection=redis_client, serializer=JSONSerializer)
 
