@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bgfn.config import load_site
+from bgfn.config import BGFN_TOML_KEYS, load_site
 from bgfn.errors import ConfigError
 
 
@@ -281,8 +281,7 @@ def test_bgfn_toml_beside_a_yaml_config(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("text", "message"), [
     ('[functions."x"]\ntimeot = 5\n',
-     'bgfn.toml: [functions."x"] timeot: unknown key. Known keys: background, max_attempts, max_event_age, '
-     'retry_backoff, retry_delays, timeout.'),
+     f'bgfn.toml: [functions."x"] timeot: unknown key. Known keys: {", ".join(sorted(BGFN_TOML_KEYS))}.'),
     ('[functions."x"]\ntimeout = 0\n',
      'bgfn.toml: [functions."x"] timeout = 0: expected a number of seconds > 0, e.g. timeout = 30.'),
     ('[functions."x"]\ntimeout = "30"\n',
@@ -291,10 +290,10 @@ def test_bgfn_toml_beside_a_yaml_config(tmp_path: Path) -> None:
      'bgfn.toml: [functions."x"] timeout = True: expected a number of seconds > 0, e.g. timeout = 30.'),
     ('[server]\nbind = "0.0.0.0:80"\n',
      "bgfn.toml: unknown section [server]; it holds only [functions.\"PATTERN\"] sections with keys "
-     "['background', 'max_attempts', 'max_event_age', 'retry_backoff', 'retry_delays', 'timeout']."),
+     f"{sorted(BGFN_TOML_KEYS)}."),
     ("[functions]\ntimeout = 5\n",
      "bgfn.toml: [functions] timeout = 5: expected a section [functions.\"timeout\"] with keys "
-     "['background', 'max_attempts', 'max_event_age', 'retry_backoff', 'retry_delays', 'timeout']."),
+     f"{sorted(BGFN_TOML_KEYS)}."),
 ])
 def test_bad_bgfn_toml_names_the_key_and_the_fix(tmp_path: Path, text: str, message: str) -> None:
     assert error_of(site(tmp_path, {"netlify.toml": "", "bgfn.toml": text})) == message
