@@ -1,3 +1,0 @@
-from bgfn.cli import main
-
-main(prog_name="bgfn")
