@@ -7,8 +7,10 @@ limit gets the worker recycled after its answer (see :mod:`bgfn.invoke`).
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
 import tempfile
 from typing import Any
 
@@ -42,6 +44,11 @@ def _child_exit(server: Any, worker: Any) -> None:
     multiprocess.mark_process_dead(worker.pid)
 
 
+def _remove_if_owner(path: str, owner: int) -> None:
+    if os.getpid() == owner:  # gunicorn workers inherit atexit handlers: only the master removes it
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def prepare_metrics_dir() -> str:
     """Give prometheus-client a fresh folder for the counters of every gunicorn process.
 
@@ -57,6 +64,7 @@ def prepare_metrics_dir() -> str:
     else:
         path = tempfile.mkdtemp(prefix="bgfn-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+        atexit.register(_remove_if_owner, path, os.getpid())
     return path
 
 
