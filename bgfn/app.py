@@ -28,6 +28,8 @@ from bgfn.event import build_event
 from bgfn.invoke import Invoker
 from bgfn.limits import Limits, Refusal
 from bgfn.queue import REDIS_ERRORS, enqueue_invocation, make_queue, new_request_id
+from bgfn.redirects import Rewrite
+from bgfn.redirects import match as match_rewrite
 from bgfn.response import InvalidResponse, RawResponse, error_response, map_response, text_response
 from bgfn.settings import Settings
 
@@ -58,11 +60,12 @@ class BgfnState:
     queue: Queue | None
     metrics: ModuleType
     limits: Limits | None = None
+    rewrites: list[Rewrite] = field(default_factory=list)
     sync_slots: dict[str, threading.BoundedSemaphore] = field(default_factory=dict)
 
 
 def create_app(settings: Settings, registry: Registry, connection: redis.Redis | None = None,
-               on_stuck: Callable[[Function], None] | None = None) -> Flask:
+               on_stuck: Callable[[Function], None] | None = None, rewrites: list[Rewrite] | None = None) -> Flask:
     """Build the Flask app serving `registry`. Background functions need `connection`."""
     app = Flask("bgfn")
     app.url_map.merge_slashes = False
@@ -72,7 +75,8 @@ def create_app(settings: Settings, registry: Registry, connection: redis.Redis |
     queue = make_queue(connection, settings.queue) if connection is not None else None
     state = BgfnState(settings=settings, registry=registry, invoker=Invoker(on_stuck=on_stuck),
                       redis=connection, queue=queue, metrics=metrics,
-                      limits=Limits(connection, settings) if connection is not None else None)
+                      limits=Limits(connection, settings) if connection is not None else None,
+                      rewrites=list(rewrites or []))
     for function in registry:
         if not function.background and function.settings.get("sync_concurrency"):
             state.sync_slots[function.name] = threading.BoundedSemaphore(function.settings["sync_concurrency"])
@@ -82,6 +86,9 @@ def create_app(settings: Settings, registry: Registry, connection: redis.Redis |
     app.url_map.add(Rule("/.netlify/functions/", endpoint="function"))
     app.url_map.add(Rule("/.netlify/functions/<path:rest>", endpoint="function"))
     app.view_functions["function"] = lambda rest="": _function_view(state)
+    app.url_map.add(Rule("/", endpoint="rewrite"))
+    app.url_map.add(Rule("/<path:rest>", endpoint="rewrite"))
+    app.view_functions["rewrite"] = lambda rest="": _rewrite_view(state)
     app.add_url_rule("/.bgfn/health", "health", lambda: {"status": "ok"})
     app.add_url_rule("/.bgfn/ready", "ready", lambda: _ready_view(state))
     admin.register(app, state)
@@ -143,9 +150,23 @@ def _trusted(address: str, settings: Settings) -> bool:
 
 
 def _function_view(state: BgfnState) -> Response:
-    environ = request.environ
-    path = _raw_path(environ)
+    path = _raw_path(request.environ)
     name = path[len(FUNCTIONS_PREFIX):].split("/", 1)[0] if path.startswith(FUNCTIONS_PREFIX) else ""
+    return _dispatch(state, name, path)
+
+
+def _rewrite_view(state: BgfnState) -> Response:
+    """Any other path: a `[[redirects]]` rewrite to a function, or 404."""
+    path = _raw_path(request.environ)
+    target = match_rewrite(state.rewrites, path)
+    if target is None:
+        return error_response(404, "NotFound", f"Nothing is served at {request.path!r}. Functions live under "
+                              f"{FUNCTIONS_PREFIX}NAME; bgfn's own endpoints under {BGFN_PREFIX}.")
+    name = target[len(FUNCTIONS_PREFIX):].split("/", 1)[0]
+    return _dispatch(state, name, path)  # the function sees the original path and query
+
+
+def _dispatch(state: BgfnState, name: str, path: str) -> Response:
     if name and "%" not in name and not NAME_RULE.match(name):
         return text_response(400, BAD_NAME_TEXT)
     function = state.registry.functions.get(name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -12,7 +13,7 @@ from typing import Any
 
 import click
 
-from bgfn import defaults
+from bgfn import defaults, environment
 from bgfn.config import SiteConfig, load_site
 from bgfn.discovery import Registry, load_registry, shown_path
 from bgfn.errors import BgfnError, ConfigError, FunctionLoadError, FunctionNotFound, QueueUnavailable, RedisServerError
@@ -54,8 +55,15 @@ def _settings(ctx: click.Context, **flags: Any) -> Settings:
 
 def _load(settings: Settings) -> tuple[SiteConfig, Registry]:
     site = load_site(settings.site)
+    apply_site_environment(site, settings)
     registry, _ = load_registry(site, settings)
     return site, registry
+
+
+def apply_site_environment(site: SiteConfig, settings: Settings) -> list[str]:
+    """Set the site's [build.environment] and [context.NAME.environment] where the process has none."""
+    file = site.config_file.name if site.config_file else "netlify.toml"
+    return environment.apply(environment.site_environment(site.raw, settings.context, file))
 
 
 def _setup_logging(settings: Settings) -> None:
@@ -101,7 +109,7 @@ def serve(ctx: click.Context, **flags: Any) -> None:
         settings = _settings(ctx, **flags)
         _check_counts(settings)
         _setup_logging(settings)
-        _, registry = _load(settings)
+        site, registry = _load(settings)
         background = [f.name for f in registry if f.background]
         if background and not settings.redis_url:
             raise ConfigError(f"REDIS_URL is not set, but background functions need Redis "
@@ -109,7 +117,7 @@ def serve(ctx: click.Context, **flags: Any) -> None:
                               "`bgfn dev`, which starts an embedded Redis.")
         for warning in registry.warnings:
             logging.getLogger("bgfn").warning("%s", warning)
-    GunicornServer(settings, registry).run()
+    GunicornServer(settings, registry, list(site.rewrites)).run()
 
 
 def _check_counts(settings: Settings) -> None:
@@ -151,7 +159,8 @@ def dev(ctx: click.Context, **flags: Any) -> None:
     from bgfn.dev import DevSupervisor
 
     with _errors():
-        settings = _settings(ctx, **flags).replace(dev=True)
+        settings = _settings(ctx, **flags)
+        settings = settings.replace(dev=True, context=settings.context if "BGFN_CONTEXT" in os.environ else "dev")
         site, registry = _load(settings)  # fail fast on broken functions
         for warning in registry.warnings:
             click.echo(f"warning: {warning}", err=True)
@@ -165,9 +174,13 @@ def check(ctx: click.Context) -> None:
     with _errors():
         settings = _settings(ctx)
         site = load_site(settings.site)
+        applied = apply_site_environment(site, settings)
         registry, problems = load_registry(site, settings, collect=True)
     click.echo(f"config: {site.config_file or '(none)'}")
     click.echo(f"functions directory: {site.functions_dir or '(none)'} ({site.functions_dir_source})")
+    click.echo(f"context: {settings.context}; environment set from the site: {', '.join(applied) or '(none)'}")
+    for rewrite in site.rewrites:
+        click.echo(f"rewrite: {rewrite.source} -> {rewrite.to}")
     for function in registry:
         click.echo(f"ok: {function.name} ({function.kind}, timeout {function.timeout:g} s)")
     for warning in registry.warnings:

@@ -16,6 +16,7 @@ import yaml
 
 from bgfn import defaults
 from bgfn.errors import ConfigError
+from bgfn.redirects import Rewrite, load_rewrites
 from bgfn.retry import RETRY_KEYS, validate_retry_setting
 
 # Keys Netlify itself reads under [functions] (for every function) or [functions."NAME"].
@@ -57,6 +58,7 @@ class SiteConfig:
     functions_dir: Path | None
     functions_dir_source: str
     rules: tuple[FunctionRule, ...] = ()
+    rewrites: tuple[Rewrite, ...] = ()
     warnings: tuple[str, ...] = ()
     raw: dict[str, Any] = field(default_factory=dict)
 
@@ -142,8 +144,11 @@ def load_site(site_dir: Path) -> SiteConfig:
                                   f'[functions."{key}"] with keys {sorted(BGFN_TOML_KEYS)}.')
             rules.append(_rule(key, value, bgfn_file.name, BGFN_TOML_KEYS, strict=True, warnings=warnings))
 
+    rewrites, ignored = load_rewrites(data, name)
+    warnings.extend(ignored)
     return SiteConfig(site_dir=site_dir, config_file=config_file, functions_dir=functions_dir,
-                      functions_dir_source=source, rules=tuple(rules), warnings=tuple(warnings), raw=data)
+                      functions_dir_source=source, rules=tuple(rules), rewrites=tuple(rewrites),
+                      warnings=tuple(warnings), raw=data)
 
 
 def _section(data: dict[str, Any], key: str, file: str) -> dict[str, Any]:

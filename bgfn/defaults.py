@@ -106,3 +106,6 @@ cap (over 90 % of it) every call reads afresh."""
 
 DRAIN_WINDOW = 10.0
 """Window over which the web estimates the drain rate for Retry-After (seconds)."""
+
+CONTEXT = "production"
+"""Deploy context whose `[context.NAME.environment]` applies (`bgfn dev` uses `dev`)."""

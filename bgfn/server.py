@@ -21,6 +21,7 @@ from bgfn import defaults
 from bgfn.app import create_app, request_local
 from bgfn.discovery import Function, Registry
 from bgfn.queue import connect
+from bgfn.redirects import Rewrite
 from bgfn.settings import Settings
 
 log = logging.getLogger("bgfn.server")
@@ -90,10 +91,11 @@ def gunicorn_options(settings: Settings, registry: Registry) -> dict[str, Any]:
 class GunicornServer(BaseApplication):
     """gunicorn configured from bgfn's settings, serving an already-loaded registry."""
 
-    def __init__(self, settings: Settings, registry: Registry) -> None:
+    def __init__(self, settings: Settings, registry: Registry, rewrites: list[Rewrite] | None = None) -> None:
         prepare_metrics_dir()
         self.settings = settings
         self.registry = registry
+        self.rewrites = rewrites or []
         super().__init__()
 
     def load_config(self) -> None:
@@ -103,4 +105,4 @@ class GunicornServer(BaseApplication):
 
     def load(self) -> Flask:
         connection = connect(self.settings.redis_url) if self.settings.redis_url else None
-        return create_app(self.settings, self.registry, connection, on_stuck=_recycle_worker)
+        return create_app(self.settings, self.registry, connection, on_stuck=_recycle_worker, rewrites=self.rewrites)

@@ -172,7 +172,6 @@ EVENT = """
 """
 
 
-@pytest.mark.xfail(strict=True, reason="bgfn does not implement [[redirects]] rewrites to functions yet (CONTRACT §2)")
 def test_rewrites_to_functions_keep_the_original_path_and_query(make_site: Callable[..., Path],
                                                                  start_server: Callable[..., str]) -> None:
     base = start_server(make_site({"functions/event.py": EVENT}, REWRITES))
