@@ -170,8 +170,8 @@ def _dispatch(state: BgfnState, name: str, path: str) -> Response:
     if name and "%" not in name and not NAME_RULE.match(name):
         return text_response(400, BAD_NAME_TEXT)
     function = state.registry.functions.get(name)
-    if function is None:
-        return text_response(404, NOT_FOUND_TEXT)
+    if function is None or (function.settings.get("schedule") and not state.settings.dev):
+        return text_response(404, NOT_FOUND_TEXT)  # scheduled functions answer HTTP only in development
     request_id = new_request_id()
     started = time.perf_counter()
     response = _invoke(state, function, path, request_id)

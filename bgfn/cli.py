@@ -151,6 +151,30 @@ def worker(ctx: click.Context, burst: bool, **flags: Any) -> None:
 
 
 @main.command()
+@_common
+@click.pass_context
+def scheduler(ctx: click.Context, **flags: Any) -> None:
+    """Enqueue scheduled functions at their ticks (each tick once, however many schedulers run)."""
+    import signal
+    import threading
+
+    from bgfn.queue import connect, make_queue
+    from bgfn.scheduler import Scheduler
+
+    with _errors():
+        settings = _settings(ctx, **flags)
+        _setup_logging(settings)
+        if not settings.redis_url:
+            raise ConfigError("REDIS_URL is not set: the scheduler stores each tick as a job in Redis. Set "
+                              "REDIS_URL=redis://HOST:PORT/0 (the same as the workers').")
+        _, registry = _load(settings)
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        Scheduler(registry, make_queue(connect(settings.redis_url), settings.queue)).run(stop)
+
+
+@main.command()
 @click.option("--bind", "-b", default=None, help=f"HOST:PORT to listen on [default {defaults.BIND}].")
 @click.option("--redis-url", default=None, help="Redis URL; without one an embedded Redis is started.")
 @click.pass_context
@@ -199,11 +223,23 @@ def list_functions(ctx: click.Context) -> None:
     with _errors():
         settings = _settings(ctx)
         site, registry = _load(settings)
-    rows = [(f.name, f.kind, shown_path(f.path, site.site_dir)) for f in registry]
+    import time
+    from datetime import UTC, datetime
+
+    from bgfn.scheduler import next_tick
+
+    def when(schedule: str) -> str:
+        tick = datetime.fromtimestamp(next_tick(schedule, time.time()), UTC)
+        return f"{schedule} (next {tick.isoformat().replace('+00:00', 'Z')})"
+
+    rows = [(f.name, "scheduled" if f.settings.get("schedule") else f.kind, shown_path(f.path, site.site_dir),
+             when(f.settings["schedule"]) if f.settings.get("schedule") else "") for f in registry]
     width = max([len(r[0]) for r in rows] + [4])
-    click.echo(f"{'NAME':<{width}}  {'KIND':<10}  FILE")
-    for name, kind, path in rows:
-        click.echo(f"{name:<{width}}  {kind:<10}  {path}")
+    paths = max([len(r[2]) for r in rows] + [4])
+    scheduled = any(r[3] for r in rows)
+    click.echo(f"{'NAME':<{width}}  {'KIND':<10}  " + (f"{'FILE':<{paths}}  SCHEDULE" if scheduled else "FILE"))
+    for name, kind, path, schedule in rows:
+        click.echo(f"{name:<{width}}  {kind:<10}  " + (f"{path:<{paths}}  {schedule}" if scheduled else path))
 
 
 @main.command()

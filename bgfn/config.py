@@ -196,6 +196,25 @@ def _rule(pattern: str, values: dict[str, Any], file: str, known: frozenset[str]
     return FunctionRule(pattern=pattern, settings=settings, source=where)
 
 
+SCHEDULE_ALIASES = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
+
+
+def validate_schedule(expression: str, where: str) -> str:
+    """Five cron fields in UTC or an @ shortcut (CONTRACT §8); the error quotes it and says the form."""
+    from croniter import croniter
+
+    text = expression.strip()
+    if text.startswith("@"):
+        if text not in SCHEDULE_ALIASES:
+            raise ConfigError(f'{where} schedule = "{expression}": unknown shortcut; use one of '
+                              f'{", ".join(SCHEDULE_ALIASES)}.')
+        return text
+    if len(text.split()) != 5 or not croniter.is_valid(text):
+        raise ConfigError(f'{where} schedule = "{expression}": expected five cron fields in UTC (minute hour '
+                          'day-of-month month day-of-week), e.g. "*/15 * * * *", or a shortcut like "@hourly".')
+    return text
+
+
 def validate_function_setting(key: str, value: Any, where: str) -> Any:
     """Check one per-function setting's type; shared by config files and a module's `config`."""
     if key == "background":
@@ -215,5 +234,5 @@ def validate_function_setting(key: str, value: Any, where: str) -> Any:
     if key == "schedule":
         if not isinstance(value, str) or not value.strip():
             raise ConfigError(f'{where} schedule = {value!r}: expected a cron expression, e.g. "@hourly".')
-        return value
+        return validate_schedule(value, where)
     return value

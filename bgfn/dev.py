@@ -40,7 +40,7 @@ def snapshot(site: SiteConfig) -> dict[Path, float]:
 
 
 class DevSupervisor:
-    """Runs `bgfn serve` and `bgfn worker` as child processes and restarts them when files change."""
+    """Runs `bgfn serve`, `bgfn worker` and `bgfn scheduler` as child processes, restarted when files change."""
 
     def __init__(self, settings: Settings, site: SiteConfig) -> None:
         self.settings = settings
@@ -52,7 +52,8 @@ class DevSupervisor:
     def _start_children(self, env: dict[str, str]) -> None:
         base = [sys.executable, "-m", "bgfn", "--site", str(self.site.site_dir)]
         self.children = [subprocess.Popen([*base, "serve"], env=env),
-                         subprocess.Popen([*base, "worker"], env=env)]
+                         subprocess.Popen([*base, "worker"], env=env),
+                         subprocess.Popen([*base, "scheduler"], env=env)]
 
     def _stop_children(self) -> None:
         for child in self.children:

@@ -71,8 +71,8 @@ class FakeServer:
 
     started: list[FakeServer] = []
 
-    def __init__(self, settings: Any, registry: Any) -> None:
-        self.settings, self.registry = settings, registry
+    def __init__(self, settings: Any, registry: Any, rewrites: Any = None) -> None:
+        self.settings, self.registry, self.rewrites = settings, registry, rewrites
 
     def run(self) -> None:
         FakeServer.started.append(self)
@@ -163,6 +163,7 @@ def test_check_reports_a_good_site(site: Path) -> None:
     assert result.stdout == (
         f"config: {root / 'netlify.toml'}\n"
         f"functions directory: {root / 'functions'} ([functions] directory in netlify.toml)\n"
+        "context: production; environment set from the site: (none)\n"
         "ok: echo (sync, timeout 30 s)\n"
         "ok: folder (sync, timeout 30 s)\n"
         "ok: mail-background (background, timeout 900 s)\n"
