@@ -66,8 +66,22 @@ class SiteConfig:
         """Settings for function `name`: matching sections merged, the most specific winning."""
         merged: dict[str, Any] = {}
         for rule in sorted((r for r in self.rules if r.matches(name)), key=lambda r: r.specificity):
-            merged.update(rule.settings)
+            overlay(merged, rule.settings)
         return merged
+
+
+EXCLUSIVE = (frozenset({"retry_delays", "retry_backoff"}),)
+"""Keys that are one choice: a source that sets one of them replaces the others from weaker sources."""
+
+
+def overlay(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """Put `top`'s settings over `base` (in place), one choice of each exclusive group winning whole."""
+    for group in EXCLUSIVE:
+        if group & set(top):
+            for key in group:
+                base.pop(key, None)
+    base.update(top)
+    return base
 
 
 def find_config_file(site_dir: Path) -> Path | None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bgfn.config import LIMIT_KEYS, SiteConfig, validate_function_setting
+from bgfn.config import LIMIT_KEYS, SiteConfig, overlay, validate_function_setting
 from bgfn.errors import ConfigError, FunctionLoadError, FunctionNotFound
 from bgfn.retry import RETRY_KEYS, RetryPolicy, default_policy, policy_from_settings
 from bgfn.settings import Settings
@@ -50,6 +50,7 @@ class Function:
     timeout: float
     settings: dict[str, Any] = field(default_factory=dict)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    conflicts: tuple[str, ...] = ()
 
     @property
     def kind(self) -> str:
@@ -124,7 +125,9 @@ def load_registry(site: SiteConfig, settings: Settings, *, collect: bool = False
     _ensure_import_path(site.functions_dir)
     for source in sources:
         try:
-            registry.functions[source.name] = load_function(source, site, settings)
+            function = load_function(source, site, settings)
+            registry.functions[source.name] = function
+            registry.warnings.extend(function.conflicts)
         except FunctionLoadError as exc:
             problems.extend(exc.problems)
     if problems and not collect:
@@ -144,7 +147,8 @@ def load_function(source: FunctionSource, site: SiteConfig, settings: Settings) 
         raise FunctionLoadError([f"{shown}: `handler` is a {type(handler).__name__}, not a function. "
                                  "Define `def handler(event, context):`."])
     try:
-        merged = _merge_settings(source.name, getattr(module, "config", None), shown, site)
+        conflicts: list[str] = []
+        merged = _merge_settings(source.name, getattr(module, "config", None), shown, site, conflicts)
         retry = policy_from_settings(merged, default_policy(settings.retry_delays))
     except ConfigError as exc:
         raise FunctionLoadError([f"{shown}: {exc}" if not str(exc).startswith(shown) else str(exc)]) from None
@@ -155,10 +159,11 @@ def load_function(source: FunctionSource, site: SiteConfig, settings: Settings) 
         timeout = float(merged.get("timeout", settings.sync_timeout))
     return Function(name=source.name, path=source.path, handler=handler,
                     is_async=inspect.iscoroutinefunction(handler), background=background,
-                    timeout=timeout, settings=merged, retry=retry)
+                    timeout=timeout, settings=merged, retry=retry, conflicts=tuple(conflicts))
 
 
-def _merge_settings(name: str, code_config: object, shown: str, site: SiteConfig) -> dict[str, Any]:
+def _merge_settings(name: str, code_config: object, shown: str, site: SiteConfig,
+                    conflicts: list[str]) -> dict[str, Any]:
     """The module's `config` dict first, then the site's files on top (the files win)."""
     merged: dict[str, Any] = {}
     if code_config is not None:
@@ -168,8 +173,12 @@ def _merge_settings(name: str, code_config: object, shown: str, site: SiteConfig
         for key, value in code_config.items():
             if key in CODE_CONFIG_KEYS:
                 merged[key] = validate_function_setting(key, value, f"{shown}: config[{key!r}]")
-    merged.update(site.function_settings(name))
-    return merged
+    from_files = site.function_settings(name)
+    for key in sorted(set(merged) & set(from_files)):
+        if merged[key] != from_files[key]:
+            conflicts.append(f"{shown}: config[{key!r}] = {merged[key]!r} is overridden by the site's "
+                             f"configuration ({key} = {from_files[key]!r}); the configuration file wins")
+    return overlay(merged, from_files)
 
 
 def _import(source: FunctionSource, shown: str) -> types.ModuleType:

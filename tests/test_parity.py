@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 
 from bgfn.config import load_site
+from bgfn.discovery import load_registry
 from bgfn.environment import apply, site_environment
 from bgfn.errors import ConfigError
 from bgfn.redirects import load_rewrites, match
+from bgfn.settings import Settings
 from tests.conftest import run_worker_burst
 from tests.helpers import bgfn_command, bgfn_env, http
 
@@ -124,3 +126,27 @@ def test_check_reports_rewrites_environment_and_ignored_rules(make_site: Callabl
     assert "rewrite: /env/* -> /.netlify/functions/env" in done.stdout
     assert "context: production; environment set from the site: SHARED, ONLY_BUILD, NUMBER" in done.stdout
     assert "warning: [[redirects]] /old -> /new (status 301): not a rewrite to a function, ignored" in done.stdout
+
+
+def test_in_code_config_yields_to_the_files_and_check_reports_the_conflict(make_site: Callable[..., Path]) -> None:
+    site = make_site({
+        "functions/sync-background.py": """
+            config = {"retry_backoff": {"base": 5}, "timeout": 10, "background": True}
+            def handler(event, context):
+                pass
+        """,
+        "bgfn.toml": """
+            [functions."sync-*"]
+            retry_delays = [1, 2]
+            [functions."sync-background"]
+            timeout = 20
+        """,
+    })
+    done = subprocess.run(bgfn_command(site, "check"), env=bgfn_env(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "ok: sync-background (background, timeout 20 s)" in done.stdout
+    assert ("warning: functions/sync-background.py: config['timeout'] = 10.0 is overridden by the site's "
+            "configuration (timeout = 20.0); the configuration file wins") in done.stdout
+    registry, _ = load_registry(load_site(site), Settings(site=site))
+    policy = registry.get("sync-background").retry
+    assert (policy.backoff, policy.job_delays()) == (None, [1, 2])  # the file's choice replaced the module's
