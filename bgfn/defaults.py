@@ -82,6 +82,15 @@ HARD_KILL_GRACE = 5
 """Extra time gunicorn gives a stuck request over its function's timeout before killing the
 process (seconds); the request is answered 502 at the timeout, this is only the backstop."""
 
+HORSE_KILL_GRACE = 5
+"""How long a background job may run past its time limit before the worker kills its work horse
+(seconds): the horse's own alarm stops a handler in Python code at the limit; this is the backstop
+for one stuck where a signal cannot reach it (a C call, signals blocked)."""
+
+HORSE_MAX_JOBS = 1000
+"""Jobs one work horse runs before the worker replaces it with a fresh fork (BGFN_HORSE_MAX_JOBS;
+bounds what a leaking handler can accumulate)."""
+
 DEV_DATA_DIR = ".bgfn"
 """Project-local folder `bgfn dev` keeps its embedded Redis data in (relative to the site)."""
 

@@ -7,6 +7,7 @@ loads the same functions can rebuild the event.
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 import uuid
 from typing import Any
@@ -42,8 +43,19 @@ def connect(url: str) -> redis.Redis:
                           "or unix:///path/to/redis.sock.") from None
 
 
+class BgfnQueue(Queue):
+    """RQ's queue, with delayed jobs (retries) never due early."""
+
+    def schedule_job(self, job: Job, datetime: dt.datetime, pipeline: Any = None, unique: bool = False) -> Job:
+        # RQ keeps a scheduled time in whole seconds, cutting the fraction off, so "after 60 s" could
+        # run at 59.1 s; round it up instead (due at most a second late, never early).
+        if datetime.microsecond:
+            datetime = datetime.replace(microsecond=0) + dt.timedelta(seconds=1)
+        return super().schedule_job(job, datetime, pipeline=pipeline, unique=unique)
+
+
 def make_queue(connection: redis.Redis, name: str) -> Queue:
-    return Queue(name, connection=connection, serializer=JSONSerializer)
+    return BgfnQueue(name, connection=connection, serializer=JSONSerializer)
 
 
 def new_request_id() -> str:

@@ -170,6 +170,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("shutdown_grace", "BGFN_SHUTDOWN_GRACE", _positive_int, "a whole number of seconds >= 1",
             "BGFN_SHUTDOWN_GRACE=30",
             "How long a worker told to stop lets its job finish before handing it back (seconds).", None),
+    Setting("horse_max_jobs", "BGFN_HORSE_MAX_JOBS", _positive_int, "a whole number >= 1",
+            "BGFN_HORSE_MAX_JOBS=1000",
+            "Jobs one work horse runs before the worker forks a fresh one (1: a fork per job, as RQ).", None),
     Setting("context", "BGFN_CONTEXT", _text, "a deploy context name", "BGFN_CONTEXT=production",
             "Deploy context whose [context.NAME.environment] applies (`bgfn dev`: dev).", None),
     Setting("max_queued", "BGFN_MAX_QUEUED", _positive_int, "a whole number >= 1", "BGFN_MAX_QUEUED=100000",
@@ -210,6 +213,7 @@ class Settings:
     callback_retry_delays: tuple[int, ...] = defaults.CALLBACK_RETRY_DELAYS
     lost_job_timeout: int = defaults.LOST_JOB_TIMEOUT
     shutdown_grace: int = defaults.SHUTDOWN_GRACE
+    horse_max_jobs: int = defaults.HORSE_MAX_JOBS
     context: str = defaults.CONTEXT
     max_queued: int = defaults.MAX_QUEUED
     max_queue_age: int = defaults.MAX_QUEUE_AGE

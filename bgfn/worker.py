@@ -1,12 +1,14 @@
 """The worker: runs background invocations stored by the web tier.
 
-`bgfn worker` loads the site's functions once, then runs RQ workers. Each forks a work horse per
-job, so a crashing or stuck handler never takes the worker down, and RQ's parent process kills a
-horse that overruns its timeout even when the handler is stuck in C code. Delayed retries are
-moved back onto the queue by RQ's scheduler, which every worker runs.
+`bgfn worker` loads the site's functions once, then runs RQ workers. Each runs its jobs in a work
+horse, a child process (bgfn.horse), so a crashing or stuck handler never takes the worker down,
+and the worker kills a horse that overruns its job's time limit even when the handler is stuck in
+C code. Delayed retries are moved back onto the queue by RQ's scheduler, which every worker runs.
 
 What bgfn adds to RQ's worker (:class:`BgfnWorker`):
 
+- one long-lived work horse runs job after job (RQ forks one per job, which costs as much as a
+  trivial job); a fresh one is forked after a kill, a crash or BGFN_HORSE_MAX_JOBS jobs;
 - the time limit is the worker's own (BGFN_BACKGROUND_TIMEOUT and the function's `timeout`);
 - lost jobs: workers heartbeat running jobs every sixth of BGFN_LOST_JOB_TIMEOUT and look for
   jobs whose heartbeat stopped every third of it, so a job whose worker was killed is retried
@@ -23,6 +25,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import signal
 import sys
 import time
 from collections import deque
@@ -30,7 +34,7 @@ from typing import Any
 
 import redis
 from rq import Queue, Worker, worker_registration
-from rq.exceptions import StopRequested
+from rq.exceptions import InvalidJobOperation, StopRequested
 from rq.job import Job, JobStatus, get_current_job
 from rq.registry import StartedJobRegistry, clean_registries
 from rq.serializers import JSONSerializer
@@ -38,13 +42,13 @@ from rq.timeouts import JobTimeoutException
 from rq.utils import now
 from rq.worker_pool import WorkerPool
 
-from bgfn import defaults, stats
+from bgfn import defaults, horse, stats
 from bgfn.config import load_site
 from bgfn.discovery import Registry, load_registry
 from bgfn.errors import FunctionNotFound
 from bgfn.event import LambdaContext
 from bgfn.invoke import call_handler, timeout_message
-from bgfn.queue import JOB_FUNCTION, STARTED_KEY, WAITING_KEY, enqueue_callback, make_queue
+from bgfn.queue import JOB_FUNCTION, STARTED_KEY, WAITING_KEY, BgfnQueue, enqueue_callback, make_queue
 from bgfn.settings import Settings
 
 log = logging.getLogger("bgfn.worker")
@@ -253,8 +257,19 @@ def _time_limit(job: Job) -> int | None:
     return max(1, int(round(_current_registry().get(name).timeout)))
 
 
+def _how_it_ended(wait_status: int | None) -> str:
+    if wait_status is None:
+        return "no exit status"
+    if os.WIFSIGNALED(wait_status):
+        number = os.WTERMSIG(wait_status)
+        return f"signal {number} ({signal.Signals(number).name})" if number in signal.valid_signals() \
+            else f"signal {number}"
+    return f"exit status {os.WEXITSTATUS(wait_status)}"
+
+
 class BgfnWorker(Worker):
-    """RQ's forking worker with bgfn's time limit, lost-job detection and graceful hand-back."""
+    """RQ's worker with a long-lived work horse, bgfn's time limit, lost-job detection and graceful
+    hand-back."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         lost = current_settings().lost_job_timeout
@@ -266,6 +281,97 @@ class BgfnWorker(Worker):
         super().__init__(*args, **kwargs)
         self._stop_deadline: float | None = None
         self._handing_back: str | None = None
+        self._horse: horse.Horse | None = None
+
+    def fork_work_horse(self, job: Job, queue: Queue) -> None:
+        """Hand `job` to the work horse, forking one first when there is none (or it is spent)."""
+        current = self._horse
+        if current is not None and current.jobs >= current_settings().horse_max_jobs:
+            self._retire_horse()
+            current = None
+        execution = self.execution
+        assert execution is not None  # prepare_execution() made it
+        if current is None or not current.send(job.id, queue.name, execution.id, job.timeout):
+            if current is not None:  # it died between jobs
+                self._retire_horse()
+            current = self._horse = horse.spawn(self)
+            current.send(job.id, queue.name, execution.id, job.timeout)  # a horse dead already shows as ended
+        current.jobs += 1
+        self._horse_pid = current.pid
+        self.procline(f"Job {job.id} in work horse {current.pid} since {time.time()}")
+
+    def monitor_work_horse(self, job: Job, queue: Queue, execution: Any) -> None:
+        """Wait for the horse to finish the job, heartbeating it; kill the horse when the job runs
+        HORSE_KILL_GRACE seconds past its time limit; fail the job when the horse died under it."""
+        current = self._horse
+        assert current is not None
+        job.started_at = now()
+        limit = job.timeout if job.timeout is not None and job.timeout > 0 else None
+        deadline = None if limit is None else time.monotonic() + limit + defaults.HORSE_KILL_GRACE
+        finished, overran, exit_status = False, False, None
+        while True:
+            wait = float(self.job_monitoring_interval)
+            if deadline is not None:
+                wait = min(wait, deadline - time.monotonic())
+            outcome = current.wait(wait)
+            if outcome is not None:
+                finished = outcome
+                if not finished:
+                    _, exit_status, _ = self.wait_for_horse()
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                self.heartbeat(self.job_monitoring_interval + 60)
+                self.kill_horse()
+                self.wait_for_horse()
+                overran = True
+                break
+            self.maintain_heartbeats(job, execution)
+        self._horse_pid = 0
+        self.executions.pop(execution.id, None)
+        if finished:
+            return
+        current.close()
+        self._horse = None
+        try:
+            status = job.get_status()
+        except InvalidJobOperation:
+            return  # the job is gone (finished and expired)
+        if self._stopped_job_id == job.id:
+            self._handle_stopped_job(job, queue, execution)
+        elif status not in (JobStatus.FINISHED, JobStatus.FAILED):
+            job.ended_at = now()
+            if overran:
+                exc_string = (f"JobTimeoutException: the handler was still running {defaults.HORSE_KILL_GRACE} s "
+                              f"after its {limit} s time limit (stuck where the alarm cannot reach it, such as a "
+                              "C call): the worker killed its work horse")
+                self._record_error(job, "TimeoutError", timeout_message(float(limit or 0)))
+            else:
+                cause = _how_it_ended(exit_status)
+                exc_string = f"Work horse ended unexpectedly ({cause}) while running the job"
+                self._record_error(job, "WorkerCrash", f"the process running the handler ended ({cause})")
+            self.log.warning("Worker %s: job %s failed: %s", self.name, job.id, exc_string)
+            self.handle_work_horse_killed(job, current.pid, exit_status or 0, None)
+            self.handle_job_failure(job, queue=queue, exc_string=exc_string, execution=execution)
+
+    def _record_error(self, job: Job, kind: str, message: str) -> None:
+        """Put the error of a run that the horse could not record itself on the job's record."""
+        if job.func_name != JOB_FUNCTION or self._handing_back == job.id:
+            return
+        try:
+            job.refresh()
+            job.meta["error"] = {"type": kind, "message": message}
+            job.save_meta()
+        except (redis.exceptions.RedisError, InvalidJobOperation) as exc:
+            self.log.warning("Worker %s: could not record the error of job %s: %s", self.name, job.id, exc)
+
+    def _retire_horse(self) -> None:
+        if self._horse is not None:
+            horse.retire(self._horse)
+            self._horse = None
+
+    def teardown(self) -> None:
+        self._retire_horse()
+        super().teardown()
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         limit = _time_limit(job)
@@ -441,5 +547,5 @@ def run_workers(settings: Settings, registry: Registry, connection: redis.Redis,
         _work_through_outages(names, connection, burst=burst, level=level)
         return
     pool = WorkerPool(names, connection=connection, num_workers=settings.worker_processes,
-                      serializer=JSONSerializer, worker_class=BgfnWorker)
+                      serializer=JSONSerializer, worker_class=BgfnWorker, queue_class=BgfnQueue)
     pool.start(burst=burst, logging_level=level)

@@ -16,6 +16,7 @@ from flask.testing import FlaskClient
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
+from bgfn import defaults
 from tests.conftest import run_worker_burst
 from tests.helpers import Process, bgfn_command, bgfn_env, http, wait_for
 
@@ -64,6 +65,34 @@ SITE = {
             while True:  # stuck in pure Python, never sleeping
                 pass
     """,
+    "functions/pid-background.py": """
+        import os, pathlib
+        def handler(event, context):
+            pathlib.Path(os.environ["MARK_DIR"], context.aws_request_id + ".pid").write_text(
+                f"{os.getpid()} {os.getppid()}")
+    """,
+    "functions/deaf-background.py": """
+        import os, pathlib, signal, time
+        from _shared.mark import mark
+        config = {"timeout": 1}
+        def handler(event, context):
+            # Stuck where the horse's own alarm cannot reach, as in a long C call.
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+            pathlib.Path(os.environ["MARK_DIR"], context.aws_request_id + ".pid").write_text(
+                f"{os.getpid()} {os.getppid()}")
+            mark(context)
+            time.sleep(120)
+            mark(context, ".done")
+    """,
+    "functions/crash-background.py": """
+        import os, pathlib
+        from _shared.mark import mark
+        def handler(event, context):
+            pathlib.Path(os.environ["MARK_DIR"], context.aws_request_id + ".pid").write_text(
+                f"{os.getpid()} {os.getppid()}")
+            mark(context)
+            os._exit(3)
+    """,
     "functions/hello.py": """
         def handler(event, context):
             return {"statusCode": 200, "body": "hello"}
@@ -110,6 +139,87 @@ def attempts(marks: Path, job_id: str, suffix: str = "") -> list[float]:
     if not path.exists():
         return []
     return [float(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def horse_of(marks: Path, job_id: str) -> tuple[int, int]:
+    """(pid, parent pid) of the process that ran the job's handler."""
+    pid, parent = (marks / (job_id + ".pid")).read_text().split()
+    return int(pid), int(parent)
+
+
+def test_one_work_horse_runs_job_after_job_and_is_renewed_after_its_quota(
+        site: Path, make_client: Callable[..., FlaskClient], start_worker: Callable[..., Process],
+        redis_client: redis.Redis, marks: Path) -> None:
+    client = make_client(site)
+    worker = start_worker(site, MARK_DIR=str(marks), BGFN_HORSE_MAX_JOBS="3")
+    ids = [accept(client, "pid-background") for _ in range(5)]
+    for job_id in ids:
+        wait_status(redis_client, job_id, JobStatus.FINISHED, worker=worker)
+    horses = [horse_of(marks, job_id) for job_id in ids]
+    assert {parent for _, parent in horses} == {worker.pid}  # run in children of the worker
+    pids = [pid for pid, _ in horses]
+    assert worker.pid not in pids
+    assert pids[0] == pids[1] == pids[2], pids  # one horse for three jobs, not a fork each
+    assert pids[3] == pids[4] != pids[0], pids  # then a fresh one
+    assert not any(Path(f"/proc/{pid}").exists() for pid in set(pids[:3]))  # the spent horse was reaped
+
+
+def test_a_handler_deaf_to_the_alarm_is_killed_by_the_worker(
+        site: Path, make_client: Callable[..., FlaskClient], start_worker: Callable[..., Process],
+        redis_client: redis.Redis, marks: Path) -> None:
+    client = make_client(site, retry_delays=())
+    worker = start_worker(site, MARK_DIR=str(marks))
+    job_id = accept(client, "deaf-background")  # config timeout 1 s, SIGALRM blocked
+
+    job = wait_status(redis_client, job_id, JobStatus.FAILED, timeout=30, worker=worker)
+    ran = time.time() - attempts(marks, job_id)[0]
+    # Killed HORSE_KILL_GRACE after the 1 s limit (counted by the worker from just before the handler started).
+    assert 1 + defaults.HORSE_KILL_GRACE - 0.5 <= ran < 1 + defaults.HORSE_KILL_GRACE + 10, ran
+    assert "killed its work horse" in failure(job)
+    assert job.meta["error"]["type"] == "TimeoutError"
+    assert not attempts(marks, job_id, ".done")
+    deaf_pid, _ = horse_of(marks, job_id)
+    assert not Path(f"/proc/{deaf_pid}").exists()
+
+    # The next job runs, in a fresh horse.
+    next_id = accept(client, "pid-background")
+    wait_status(redis_client, next_id, JobStatus.FINISHED, worker=worker)
+    assert horse_of(marks, next_id)[0] != deaf_pid
+
+
+def test_a_crashing_handler_fails_its_attempt_and_the_next_job_gets_a_fresh_horse(
+        site: Path, make_client: Callable[..., FlaskClient], start_worker: Callable[..., Process],
+        redis_client: redis.Redis, marks: Path) -> None:
+    client = make_client(site, retry_delays=(1,))
+    worker = start_worker(site, MARK_DIR=str(marks), BGFN_RETRY_DELAYS="1")
+    job_id = accept(client, "crash-background")
+
+    job = wait_status(redis_client, job_id, JobStatus.FAILED, timeout=30, worker=worker)
+    assert len(attempts(marks, job_id)) == 2  # the crash counted as an attempt, and was retried
+    assert "exit status 3" in failure(job)
+    assert job.meta["error"]["type"] == "WorkerCrash"
+    crashed_pid, _ = horse_of(marks, job_id)
+
+    next_id = accept(client, "pid-background")
+    wait_status(redis_client, next_id, JobStatus.FINISHED, worker=worker)
+    assert horse_of(marks, next_id)[0] != crashed_pid
+
+
+def test_a_killed_worker_takes_its_work_horse_with_it(
+        site: Path, make_client: Callable[..., FlaskClient], start_worker: Callable[..., Process],
+        redis_client: redis.Redis, marks: Path) -> None:
+    client = make_client(site)
+    worker = start_worker(site, MARK_DIR=str(marks))
+    job_id = accept(client, "deaf-background")
+    wait_for(lambda: attempts(marks, job_id), timeout=15, what="the handler to start")
+    horse_pid, _ = horse_of(marks, job_id)
+
+    os.kill(worker.pid, signal.SIGKILL)  # the worker only: the horse has a process group of its own
+    wait_for(lambda: not worker.alive(), timeout=10, what="the worker to die")
+    # An orphaned horse would run on unseen while the lost-job sweep runs the job again elsewhere.
+    wait_for(lambda: not Path(f"/proc/{horse_pid}").exists() or
+             Path(f"/proc/{horse_pid}/stat").read_text().split()[2] == "Z",
+             timeout=10, what="the work horse to die with its worker")
 
 
 def test_raised_error_is_retried_after_the_configured_delays(
