@@ -5,7 +5,11 @@ prints the same `BENCHJSON {...}` line as bench/wrk.lua, so bench/run.py reads e
 slower than wrk; bench/run.py says in its output which one was used.
 
     python -m bench.loadgen URL --connections 16 --duration 5 [--method POST --body TEXT]
-                            [--stop-after N] [--mix-every K --mix-path /path]
+                            [--stop-after N] [--mix-every K --mix-path /path] [--burst]
+
+With --burst it prints bench/burst.lua's line instead (`BENCHBURST {...}`: answers by status and the
+Retry-After values of the refusals) and writes the job id of every 202 to --ids-file, one a line,
+for the backpressure figure.
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ class Stats:
         self.status_errors = 0
         self.sent = 0
         self.stop = False
+        self.statuses: dict[str, int] = {}
+        self.retry_after: dict[str, int] = {}
+        self.ids: list[str] = []
 
 
 async def _connection(host: str, port: int, main: bytes, mix: bytes | None, mix_every: int, stats: Stats,
@@ -55,6 +62,12 @@ async def _connection(host: str, port: int, main: bytes, mix: bytes | None, mix_
                 name, _, value = line.partition(b":")
                 if name.strip().lower() == b"content-length":
                     length = int(value.strip())
+                elif name.strip().lower() == b"retry-after":
+                    key = value.strip().decode()
+                    stats.retry_after[key] = stats.retry_after.get(key, 0) + 1
+                elif name.strip().lower() == b"x-bgfn-job-id" and status == 202:
+                    stats.ids.append(value.strip().decode())
+            stats.statuses[str(status)] = stats.statuses.get(str(status), 0) + 1
             if length:
                 await reader.readexactly(length)
             stats.latencies.append(time.perf_counter() - began)
@@ -75,7 +88,7 @@ def _percentile(ordered: list[float], q: float) -> float:
 
 
 async def run(url: str, connections: int, duration: float, method: str, body: str | None, stop_after: int,
-              mix_every: int, mix_path: str | None) -> dict[str, float]:
+              mix_every: int, mix_path: str | None) -> dict[str, object]:
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     main = _request(method, f"{host}:{port}", parts.path or "/", body)
@@ -92,7 +105,8 @@ async def run(url: str, connections: int, duration: float, method: str, body: st
             "status_errors": stats.status_errors, "p50_ms": _percentile(ordered, 50) * ms,
             "p90_ms": _percentile(ordered, 90) * ms, "p99_ms": _percentile(ordered, 99) * ms,
             "max_ms": (ordered[-1] if ordered else 0.0) * ms,
-            "mean_ms": (sum(ordered) / len(ordered) if ordered else 0.0) * ms}
+            "mean_ms": (sum(ordered) / len(ordered) if ordered else 0.0) * ms,
+            "statuses": stats.statuses, "retry_after": stats.retry_after, "ids": stats.ids}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -105,9 +119,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stop-after", type=int, default=0)
     parser.add_argument("--mix-every", type=int, default=0)
     parser.add_argument("--mix-path", default=None)
+    parser.add_argument("--burst", action="store_true", help="print the backpressure burst's BENCHBURST line")
+    parser.add_argument("--ids-file", default=None, help="with --burst: where to write the 202s' job ids")
     args = parser.parse_args(argv)
     result = asyncio.run(run(args.url, args.connections, args.duration, args.method, args.body, args.stop_after,
                              args.mix_every, args.mix_path))
+    if args.burst:
+        ids = result["ids"]
+        if args.ids_file and isinstance(ids, list):
+            with open(args.ids_file, "a") as file:
+                file.writelines(f"{job_id}\n" for job_id in ids)
+        print("BENCHBURST " + json.dumps({k: result[k] for k in ("requests", "duration_s", "errors", "statuses",
+                                                                  "retry_after")}), flush=True)
+        return
     print("BENCHJSON " + json.dumps(result), flush=True)
 
 

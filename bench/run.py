@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import suppress
@@ -41,6 +42,7 @@ DEFAULT_OUT = BENCH / "results" / "latest.json"
 SYNC_PATH = "/.netlify/functions/noop"
 ACCEPT_PATH = "/.netlify/functions/noop-background"
 STAMP_PATH = "/.netlify/functions/stamp-background"
+WORK_PATH = "/.netlify/functions/work-background"
 RQ_QUEUE = "bench-rq"
 BGFN_QUEUE = "bgfn"
 SYNC_CONNECTIONS = (1, 16, 64)
@@ -59,12 +61,17 @@ class Plan:
     memory_requests: int
     memory_warmup: int
     mix_every: int  # every mix_every-th request of the memory load is a background accept
+    burst_seconds: int  # the backpressure burst's length
+    burst_cap: int  # BGFN_MAX_QUEUED during the burst
+    burst_connections: int
 
 
 FULL = Plan(runs=3, duration=4, warmup=2, drain_jobs=2000, start_samples=30,
-            memory_requests=100_000, memory_warmup=2000, mix_every=100)
+            memory_requests=100_000, memory_warmup=2000, mix_every=100,
+            burst_seconds=10, burst_cap=500, burst_connections=16)
 SMOKE = Plan(runs=1, duration=1, warmup=0, drain_jobs=20, start_samples=3,
-             memory_requests=400, memory_warmup=40, mix_every=20)
+             memory_requests=400, memory_warmup=40, mix_every=20,
+             burst_seconds=1, burst_cap=20, burst_connections=4)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -263,6 +270,28 @@ class LoadGen:
                 return result
         raise RuntimeError(f"{self.name} printed no result (exit {done.returncode}):\n{done.stdout}{done.stderr}")
 
+    def burst(self, port: int, path: str, connections: int, duration: int, body: str,
+              ids_file: Path) -> dict[str, Any]:
+        """POST `body` for `duration` seconds; answers counted by status, the Retry-After values seen, and
+        the job id of every 202 written to `ids_file`."""
+        url = f"http://127.0.0.1:{port}{path}"
+        if self.wrk:
+            args = [self.wrk, "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", "10s",
+                    "-s", str(BENCH / "burst.lua"), url, "--", body, str(ids_file)]
+        else:
+            args = [sys.executable, "-m", "bench.loadgen", url, "--connections", str(connections),
+                    "--duration", str(duration), "--method", "POST", "--body", body, "--burst",
+                    "--ids-file", str(ids_file)]
+        done = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=duration + 120)
+        for line in done.stdout.splitlines():
+            if line.startswith("BENCHBURST "):
+                result: dict[str, Any] = json.loads(line[len("BENCHBURST "):])
+                if result["requests"] == 0 or result["errors"]:
+                    raise RuntimeError(f"burst on {url} failed: {result}\n{done.stdout}{done.stderr}")
+                return result
+        raise RuntimeError(f"{self.name} printed no burst result (exit {done.returncode}):\n"
+                           f"{done.stdout}{done.stderr}")
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # the suite
@@ -298,11 +327,11 @@ class Suite:
         assert self.conn is not None
         return self.conn
 
-    def start_bgfn_serve(self, name: str = "bgfn-serve") -> tuple[Proc, int, float]:
+    def start_bgfn_serve(self, name: str = "bgfn-serve", **env: str) -> tuple[Proc, int, float]:
         port = free_port()
         began = time.perf_counter()
         proc = self.stack.start(name, [sys.executable, "-m", "bgfn", "--site", str(SITE), "serve", "--bind",
-                                       f"127.0.0.1:{port}"], child_env(self.redis_url))
+                                       f"127.0.0.1:{port}"], child_env(self.redis_url, **env))
         wait_http(proc, port, SYNC_PATH)
         return proc, port, time.perf_counter() - began
 
@@ -580,6 +609,105 @@ class Suite:
                  f"({out['requests']} requests, {jobs_run} jobs)")
         return out
 
+    # -- backpressure --------------------------------------------------------------------------------------------
+
+    def backpressure(self) -> dict[str, Any]:
+        """A burst far above the drain rate against `bgfn serve` with BGFN_MAX_QUEUED = plan.burst_cap and one
+        `bgfn worker` draining (10 ms jobs): answers by status, the peak queue depth and Redis memory seen
+        (polled every 10 ms), the refusals' Retry-After, and whether every job answered 202 ran."""
+        plan = self.plan
+        self.flush()
+        conn = self.redis()
+        serve, port, _ = self.start_bgfn_serve("bp-bgfn-serve", BGFN_MAX_QUEUED=str(plan.burst_cap))
+        worker = self.start_bgfn_worker()
+        queue_key = Queue(BGFN_QUEUE, connection=conn).key
+        finished = FinishedJobRegistry(BGFN_QUEUE, connection=conn)
+        failed = FailedJobRegistry(BGFN_QUEUE, connection=conn)
+        started = StartedJobRegistry(BGFN_QUEUE, connection=conn)
+
+        def used() -> int:
+            return int(conn.info("memory")["used_memory"])
+
+        before = used()
+        peak = {"depth": 0, "used": before, "samples": 0}
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.is_set():
+                peak["depth"] = max(peak["depth"], int(conn.llen(queue_key)))
+                peak["used"] = max(peak["used"], used())
+                peak["samples"] += 1
+                stop.wait(0.01)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        try:
+            ids_file = self.workdir / "burst-ids.txt"
+            result = self.loadgen.burst(port, WORK_PATH, plan.burst_connections, plan.burst_seconds, "bench",
+                                        ids_file)
+            ran_in_burst = finished.count
+        finally:
+            stop.set()
+            watcher.join(10)
+        statuses = {int(k): v for k, v in result["statuses"].items()}
+        accepted, refused = statuses.get(202, 0), statuses.get(429, 0)
+        if set(statuses) - {202, 429}:
+            raise RuntimeError(f"the burst got answers other than 202 and 429: {statuses}\n{serve.tail()}")
+
+        def drained() -> bool:
+            return conn.llen(queue_key) == 0 and started.count == 0 and finished.count + failed.count >= accepted
+
+        began = time.perf_counter()
+        wait_until(drained, max(120, 2 * plan.burst_cap), "the burst's jobs to drain", interval=0.05)
+        drain_seconds = time.perf_counter() - began
+        ran, failures, stored = finished.count, failed.count, len(list(conn.scan_iter("rq:job:*", count=1000)))
+        ids = ids_file.read_text().split()
+        with conn.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.zscore(finished.key, job_id)
+            unfinished = sum(score is None for score in pipe.execute())
+        if len(ids) != accepted:
+            raise RuntimeError(f"the load generator counted {accepted} 202s but kept {len(ids)} job ids")
+        after = used()
+        self.stack.stop(worker)
+        self.stack.stop(serve)
+        self.flush()
+        waits = sorted(float(v) for v, n in result["retry_after"].items() for _ in range(n))
+        seconds = result["duration_s"]
+        per_job = (peak["used"] - before) / peak["depth"] if peak["depth"] else 0.0
+        # Without the cap every call would have been stored: all but the jobs drained meanwhile would wait.
+        uncapped = result["requests"] - ran_in_burst
+        out = {
+            "cap": plan.burst_cap,
+            "connections": plan.burst_connections,
+            "seconds": seconds,
+            "requests": result["requests"],
+            "accepted": accepted,
+            "refused": refused,
+            "accepted_per_s": accepted / seconds,
+            "refused_per_s": refused / seconds,
+            "drain_per_s": ran_in_burst / seconds,
+            "peak_depth": peak["depth"],
+            "depth_samples": peak["samples"],
+            "redis_used_mib": {"before": before / 2**20, "peak": peak["used"] / 2**20, "after": after / 2**20},
+            "bytes_per_waiting_job": per_job,
+            "uncapped_estimate": {"waiting": uncapped, "redis_mib": (before + uncapped * per_job) / 2**20},
+            "retry_after_s": {"median": statistics.median(waits) if waits else None,
+                              "min": waits[0] if waits else None, "max": waits[-1] if waits else None,
+                              "count": len(waits)},
+            "jobs_ran": ran,
+            "jobs_failed": failures,
+            "jobs_stored": stored,  # a few more than 202s counted: wrk stops without reading the last answers
+            "answered_202_not_run": unfinished,
+            "drain_after_s": drain_seconds,
+            "every_202_ran": unfinished == 0 and failures == 0 and ran == stored,
+        }
+        self.log(f"  backpressure  {out['accepted_per_s']:.0f} accepted/s, {out['refused_per_s']:.0f} refused/s, "
+                 f"peak depth {out['peak_depth']} (cap {plan.burst_cap}), Redis "
+                 f"{out['redis_used_mib']['before']:.1f} -> {out['redis_used_mib']['peak']:.1f} MiB, Retry-After "
+                 f"median {out['retry_after_s']['median']}, every 202 ran: {out['every_202_ran']}")
+        return out
+
     # -- everything ----------------------------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
@@ -606,13 +734,15 @@ class Suite:
             self.stack.stop(base)
             self.log("memory")
             memory = self.memory()
+            self.log("backpressure")
+            backpressure = self.backpressure()
         finally:
             self.stack.stop_all()
             if self.conn is not None:
                 self.conn.close()
             if self.redis_server is not None:
                 self.redis_server.stop()
-        return {"runs": runs, "memory": memory, "checks": checks}
+        return {"runs": runs, "memory": memory, "backpressure": backpressure, "checks": checks}
 
 
 def summarize_samples(samples: list[float]) -> dict[str, Any]:
@@ -715,6 +845,19 @@ def table(result: dict[str, Any]) -> str:
     for kind, label in (("web", "web RSS (gunicorn workers)"), ("worker", "worker RSS (bgfn worker)")):
         rows.append((label, "MiB", f"{mem[kind]['before_mib']:.1f} -> {mem[kind]['after_mib']:.1f} "
                      f"({mem[kind]['growth_pct']:+.1f} %)", "", ""))
+    bp = result["backpressure"]
+    retry = bp["retry_after_s"]["median"]
+    rows += [
+        (f"burst, cap {bp['cap']}, {bp['connections']} conn", "202/s", f"{bp['accepted_per_s']:.0f}",
+         f"{bp['drain_per_s']:.0f} (1 worker drains, jobs/s)", ""),
+        ("", "429/s", f"{bp['refused_per_s']:.0f}", "", ""),
+        ("", "peak depth", f"{bp['peak_depth']}", f"{bp['cap']} (BGFN_MAX_QUEUED)", ""),
+        ("", "Redis MiB", f"{bp['redis_used_mib']['before']:.1f} -> {bp['redis_used_mib']['peak']:.1f} (peak)",
+         f"~{bp['uncapped_estimate']['redis_mib']:.0f} uncapped (estimate)", ""),
+        ("", "Retry-After s", "-" if retry is None else f"{retry:g} (median)", "", ""),
+        ("", "202s run", f"{bp['accepted'] - bp['answered_202_not_run']} of {bp['accepted']}"
+         f"{'' if bp['every_202_ran'] else ' (NOT ALL)'}", "", ""),
+    ]
 
     header = ("figure", "unit", "bgfn" + ("" if single else " median [min-max]"), "baseline, same run", "ratio")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(5)]
@@ -812,6 +955,7 @@ def main(argv: list[str] | None = None) -> int:
                  "seconds": time.time() - began},
         **summarize(raw),
         "memory": raw["memory"],
+        "backpressure": raw["backpressure"],
         "checks": raw["checks"],
         "runs": raw["runs"],
     }

@@ -2,7 +2,7 @@
 
 States (RQ's statuses in brackets):
 
-- `queued` [queued, deferred]: waiting for a worker;
+- `queued` [queued, deferred, rate_limited]: waiting for a worker (or for a `concurrency` slot);
 - `scheduled` [scheduled]: waiting for its retry delay (or a hand-back) to pass;
 - `running` [started]: a worker is running it;
 - `succeeded` [finished]: the handler returned; `result` holds its return value;
@@ -35,6 +35,7 @@ from rq.serializers import JSONSerializer
 STATE_OF_STATUS = {
     JobStatus.QUEUED: "queued",
     JobStatus.DEFERRED: "queued",
+    JobStatus.RATE_LIMITED: "queued",  # held back by RQ's rate limiter (`concurrency`)
     JobStatus.SCHEDULED: "scheduled",
     JobStatus.STARTED: "running",
     JobStatus.FINISHED: "succeeded",

@@ -1,8 +1,8 @@
 """Backpressure: caps on what waits, so a burst far above the drain rate is refused (429) instead
 of growing the queue, and Redis memory with it, without bound.
 
-- The whole queue: at most BGFN_MAX_QUEUED jobs waiting, and its oldest job at most
-  BGFN_MAX_QUEUE_AGE seconds old.
+- The whole queue: at most BGFN_MAX_QUEUED jobs waiting (in the queue, or held back by RQ's rate
+  limiter for a function's `concurrency`), and its oldest job at most BGFN_MAX_QUEUE_AGE seconds old.
 - One function: at most `max_queued` of its invocations waiting for their first run (bgfn.toml or
   the module's `config`), counted in one Redis hash that the enqueue increments in its own
   MULTI/EXEC and a worker decrements when it starts the job's first attempt.
@@ -21,14 +21,25 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import redis
+from rq.rate_limit import RateLimitRegistry
 
 from bgfn import defaults
 from bgfn.discovery import Function
 from bgfn.queue import STARTED_KEY, WAITING_KEY
 from bgfn.settings import Settings
 
+RATE_LIMIT_PREFIX = "bgfn:"
+"""Prefix of the keys bgfn gives RQ's rate limiter (`concurrency`; bgfn.queue)."""
+
+# The depth counts the jobs RQ's rate limiter holds back (a `concurrency` function's excess waits
+# in a sorted set, outside the queue's list) so BGFN_MAX_QUEUED bounds them too.
 _READ = """
 local depth = redis.call('LLEN', KEYS[1])
+for _, key in ipairs(redis.call('SMEMBERS', KEYS[4])) do
+  if string.sub(key, 1, #ARGV[3]) == ARGV[3] then
+    depth = depth + redis.call('ZCARD', ARGV[4] .. key .. ':rate_limited')
+  end
+end
 local waiting = redis.call('HGET', KEYS[2], ARGV[1]) or '0'
 local started = redis.call('GET', KEYS[3]) or '0'
 local oldest = redis.call('LINDEX', KEYS[1], 0)
@@ -69,7 +80,8 @@ class Limits:
 
     def _read(self, function: str) -> _Reading:
         depth, waiting, started, enqueued = self._script(
-            keys=[self.queue_key, WAITING_KEY, STARTED_KEY], args=[function, "rq:job:"])
+            keys=[self.queue_key, WAITING_KEY, STARTED_KEY, RateLimitRegistry.rl_keys_key],
+            args=[function, "rq:job:", RATE_LIMIT_PREFIX, "rq:rl:"])
         now = time.time()
         age = 0.0
         if enqueued:

@@ -7,7 +7,8 @@ Two sources, one scrape:
   `bgfn serve`, so every gunicorn process is counted;
 - the workers' figures (jobs succeeded, failed, retried; accept-to-start and run durations),
   which workers add to one Redis hash with a single pipelined write per event, so they are right
-  across any number of worker processes and hosts; the queue depth is read from Redis at scrape.
+  across any number of worker processes and hosts; the queue depth and its oldest job's wait are
+  read from Redis at scrape.
 
 Import this module only after `PROMETHEUS_MULTIPROC_DIR` is set (bgfn.server does it for
 `bgfn serve`): prometheus-client picks its storage when first imported.
@@ -16,8 +17,10 @@ Import this module only after `PROMETHEUS_MULTIPROC_DIR` is set (bgfn.server doe
 from __future__ import annotations
 
 import os
+import time
 from collections import defaultdict
 from collections.abc import Iterator
+from datetime import datetime
 
 import redis
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -51,10 +54,18 @@ class RedisJobCollector(Collector):
             for queue in self.queues:
                 pipe.llen(f"rq:queue:{queue}")
                 pipe.zcard(f"rq:scheduled:{queue}")
+                pipe.lindex(f"rq:queue:{queue}", 0)
             results = pipe.execute()
+        oldest_ids: list[bytes | None] = [results[4 + 3 * i] for i in range(len(self.queues))]
+        present = [job_id for job_id in oldest_ids if job_id is not None]
+        enqueued: dict[bytes, bytes | None] = {}
+        if present:  # a second round trip only when a queue has a job: when it was enqueued
+            with self.connection.pipeline(transaction=False) as pipe:
+                for job_id in present:
+                    pipe.hget(b"rq:job:" + job_id, "enqueued_at")
+                enqueued = dict(zip(present, pipe.execute(), strict=True))
         raw = {k.decode(): v.decode() for k, v in results[0].items()}
         waiting = {k.decode(): max(0, int(v)) for k, v in results[1].items()}
-        results = [results[0], *results[2:]]
         counters = {event: CounterMetricFamily(f"bgfn_jobs_{event}", f"Background jobs {event}, by function.",
                                                labels=["function"])
                     for event in ("succeeded", "failed", "retried", "canceled")}
@@ -83,11 +94,17 @@ class RedisJobCollector(Collector):
             yield family
         depth = GaugeMetricFamily("bgfn_queue_depth", "Jobs waiting in the queue.", labels=["queue"])
         scheduled = GaugeMetricFamily("bgfn_jobs_scheduled", "Jobs waiting for a retry delay.", labels=["queue"])
+        oldest = GaugeMetricFamily("bgfn_queue_oldest_age_seconds", "How long the first job in the queue has "
+                                   "waited (seconds; 0 when the queue is empty).", labels=["queue"])
+        now = time.time()
         for i, queue in enumerate(self.queues):
-            depth.add_metric([queue], float(results[1 + 2 * i]))
-            scheduled.add_metric([queue], float(results[2 + 2 * i]))
+            depth.add_metric([queue], float(results[2 + 3 * i]))
+            scheduled.add_metric([queue], float(results[3 + 3 * i]))
+            first = oldest_ids[i]
+            oldest.add_metric([queue], _age(enqueued.get(first) if first is not None else None, now))
         yield depth
         yield scheduled
+        yield oldest
         per_function = GaugeMetricFamily("bgfn_jobs_waiting", "Invocations waiting for their first run.",
                                          labels=["function"])
         for function, count in sorted(waiting.items()):
@@ -100,6 +117,16 @@ class RedisJobCollector(Collector):
             if kind == "refused":
                 refused.add_metric([function], float(value))
         yield refused
+
+
+def _age(enqueued_at: bytes | None, now: float) -> float:
+    """Seconds since RQ's `enqueued_at` (ISO 8601, UTC); 0 when missing or unreadable."""
+    if not enqueued_at:
+        return 0.0
+    try:
+        return max(0.0, now - datetime.fromisoformat(enqueued_at.decode().replace("Z", "+00:00")).timestamp())
+    except ValueError:
+        return 0.0
 
 
 def render(connection: redis.Redis | None, queues: list[str]) -> tuple[bytes, str]:

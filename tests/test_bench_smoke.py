@@ -47,3 +47,8 @@ def test_bench_smoke_writes_every_figure(tmp_path: Path) -> None:
     for kind in ("web", "worker"):
         assert {"before_mib", "after_mib", "growth_pct"} <= set(result["memory"][kind])
     assert result["memory"]["requests"] > 0
+    burst = result["backpressure"]
+    assert {"accepted_per_s", "refused_per_s", "drain_per_s", "peak_depth", "retry_after_s"} <= set(burst)
+    assert {"before", "peak"} <= set(burst["redis_used_mib"]) and "median" in burst["retry_after_s"]
+    assert burst["accepted"] > 0 and burst["every_202_ran"] is True  # correctness, not a timing
+    assert "peak depth" in done.stdout
