@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from bgfn.callbacks import CALLBACK_HEADER, CallbackRejected, check_url
 from bgfn.discovery import NAME_RULE, Function, Registry
 from bgfn.errors import QueueUnavailable
 from bgfn.event import build_event
-from bgfn.invoke import Invoker
+from bgfn.invoke import Invoker, timeout_message
 from bgfn.limits import Limits, Refusal
 from bgfn.queue import REDIS_ERRORS, enqueue_invocation, make_queue, new_request_id
 from bgfn.redirects import Rewrite
@@ -241,8 +242,27 @@ def _run_sync(state: BgfnState, function: Function, event: dict[str, Any], reque
         slots.release()
 
 
+def _socket_answer(function: Function, head: bool) -> Callable[[], None] | None:
+    """Under gunicorn: a way for the watchdog to answer this request `502 TimeoutError` on the
+    client's socket while the handler is still stuck in the request thread (bgfn.invoke)."""
+    sock = request.environ.get("gunicorn.socket")
+    if sock is None:
+        return None
+
+    def answer() -> None:
+        response = error_response(502, "TimeoutError", timeout_message(function.timeout))
+        body = response.get_data()
+        lines = [f"HTTP/1.1 {response.status}", f"Content-Type: {response.content_type}",
+                 f"Content-Length: {len(body)}", "Connection: close", "", ""]
+        sock.sendall("\r\n".join(lines).encode("latin-1") + (b"" if head else body))
+        sock.shutdown(socket.SHUT_RDWR)
+
+    return answer
+
+
 def _run_sync_unlimited(state: BgfnState, function: Function, event: dict[str, Any], request_id: str) -> Response:
-    outcome = state.invoker.invoke(function, event, request_id)
+    head = event["httpMethod"] == "HEAD"
+    outcome = state.invoker.invoke(function, event, request_id, _socket_answer(function, head))
     if outcome.timed_out:
         return error_response(502, "TimeoutError", outcome.error_message or "")
     if not outcome.ok:
@@ -251,7 +271,7 @@ def _run_sync_unlimited(state: BgfnState, function: Function, event: dict[str, A
         return error_response(502, outcome.error_type or "Error", outcome.error_message or "",
                               trace=outcome.trace if state.settings.dev else None)
     try:
-        return map_response(outcome.value, head=event["httpMethod"] == "HEAD")
+        return map_response(outcome.value, head=head)
     except InvalidResponse as exc:
         log.error("function %s (request %s) returned a bad response: %s", function.name, request_id, exc)
         return error_response(500, "InvalidResponse", str(exc))

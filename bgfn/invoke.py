@@ -1,9 +1,18 @@
 """The invoke path: run a handler with a time limit, in-process.
 
-Handlers run on runner threads so the calling thread can stop waiting at the time limit and
-answer 502. A runner whose handler overran is abandoned (Python cannot stop a thread), and the
-`on_stuck` callback lets the host recycle the process: under gunicorn the worker finishes its
-requests and is replaced, and gunicorn's own timeout kills it if the handler holds the GIL.
+A handler must be answered `502 TimeoutError` at its time limit even when it is stuck (Python
+cannot stop a thread). Two ways, by what the caller can do:
+
+- Served by gunicorn (the caller passes `answer_early`): the handler runs inline in the request
+  thread, and a watchdog thread per process, which looks at the calls in flight every
+  WATCH_INTERVAL, answers an overrunning one itself through `answer_early` (bgfn.app writes the 502
+  on the client's socket and closes it). This costs no thread hand-off per call.
+- Otherwise (the Flask test client, `bgfn invoke`): the handler runs on a runner thread and the
+  calling thread stops waiting at the limit.
+
+Either way the `on_stuck` callback lets the host recycle the process: under gunicorn the worker
+finishes its other requests and is replaced (bgfn.server ends it even if the stuck thread never
+returns), and gunicorn's own timeout kills it if the handler holds the GIL.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ class Outcome:
     error_message: str | None = None
     trace: list[str] | None = None
     timed_out: bool = False
+    answered_early: bool = False  # the timeout was already answered by the watchdog
     duration: float = 0.0
 
     @property
@@ -96,26 +106,125 @@ class _Slot:
         self.error: BaseException | None = None
 
 
+WATCH_INTERVAL = 0.02
+"""How often the watchdog looks for calls past their time limit (seconds): a stuck call is answered
+at most this late."""
+
+
+class _Call:
+    """A handler call in flight in a request thread, as the watchdog sees it."""
+
+    __slots__ = ("function", "request_id", "deadline", "answer_early", "expired", "answered")
+
+    def __init__(self, function: Function, request_id: str, deadline: float,
+                 answer_early: Callable[[], None]) -> None:
+        self.function = function
+        self.request_id = request_id
+        self.deadline = deadline
+        self.answer_early = answer_early
+        self.expired = False
+        self.answered = threading.Lock()  # held by the watchdog while it answers
+
+
 class Invoker:
-    """Runs handlers with time limits on a pool of runner threads (created per process, lazily)."""
+    """Runs handlers with time limits: inline under a watchdog, or on a pool of runner threads
+    (threads are created per process, lazily)."""
 
     def __init__(self, on_stuck: Callable[[Function], None] | None = None) -> None:
         self._on_stuck = on_stuck
         self._idle: list[_Runner] = []
         self._lock = threading.Lock()
         self._pid = os.getpid()
+        self._inflight: dict[int, _Call] = {}
+        self._watchdog: threading.Thread | None = None
+        self._local = threading.local()
 
     def _take(self) -> _Runner:
         with self._lock:
-            if self._pid != os.getpid():  # forked: the parent's threads do not exist here
-                self._idle, self._pid = [], os.getpid()
+            self._after_fork()
             return self._idle.pop() if self._idle else _Runner()
+
+    def _after_fork(self) -> None:
+        """Forget the parent's threads in a forked child (call with self._lock held)."""
+        if self._pid != os.getpid():
+            self._idle, self._inflight, self._watchdog, self._pid = [], {}, None, os.getpid()
+
+    def _watch(self, call: _Call) -> None:
+        with self._lock:
+            self._after_fork()
+            if self._watchdog is None:
+                self._watchdog = threading.Thread(target=self._watch_loop, name="bgfn-watchdog", daemon=True)
+                self._watchdog.start()
+            self._inflight[id(call)] = call
+
+    def _finish(self, call: _Call) -> bool:
+        """The call returned: True when it did so in time, False when it was already answered 502."""
+        with self._lock:
+            self._inflight.pop(id(call), None)
+            if not call.expired:
+                return True
+        with call.answered:  # wait for the watchdog's answer to be written before this thread answers
+            return False
+
+    def _watch_loop(self) -> None:
+        while True:
+            time.sleep(WATCH_INTERVAL)
+            now = time.monotonic()
+            overdue: list[_Call] = []
+            with self._lock:
+                for key, call in list(self._inflight.items()):
+                    if call.deadline <= now:
+                        del self._inflight[key]
+                        call.expired = True
+                        call.answered.acquire()
+                        overdue.append(call)
+            for call in overdue:
+                try:
+                    log.error("function %s (request %s) timed out after %.2f s; answered 502, its thread is "
+                              "abandoned", call.function.name, call.request_id, call.function.timeout)
+                    call.answer_early()
+                except Exception:  # noqa: BLE001 - the client went away; nothing else to do
+                    log.exception("could not answer the timed-out request %s", call.request_id)
+                finally:
+                    call.answered.release()
+                if self._on_stuck is not None:
+                    self._on_stuck(call.function)
+
+    def _invoke_inline(self, function: Function, event: dict[str, Any], request_id: str,
+                       answer_early: Callable[[], None]) -> Outcome:
+        started = time.monotonic()
+        context = LambdaContext(function.name, request_id, function.timeout, started=started)
+        call = _Call(function, request_id, started + function.timeout, answer_early)
+        loop_runner = getattr(self._local, "runner", None)
+        if loop_runner is None and function.is_async:
+            loop_runner = self._local.runner = asyncio.Runner()
+        self._watch(call)
+        error: BaseException | None = None
+        value: Any = None
+        try:
+            value = call_handler(function, event, context, loop_runner)
+        except BaseException as exc:  # noqa: B036 - the handler's failure is reported, not raised
+            error = exc
+        in_time = self._finish(call)
+        duration = time.monotonic() - started
+        if not in_time:
+            return Outcome(error_type="TimeoutError", error_message=timeout_message(function.timeout),
+                           timed_out=True, answered_early=True, duration=duration)
+        if error is not None:
+            error_type, message, trace = describe_error(error)
+            return Outcome(error_type=error_type, error_message=message, trace=trace, duration=duration)
+        return Outcome(value=value, duration=duration)
 
     def _give_back(self, runner: _Runner) -> None:
         with self._lock:
             self._idle.append(runner)
 
-    def invoke(self, function: Function, event: dict[str, Any], request_id: str) -> Outcome:
+    def invoke(self, function: Function, event: dict[str, Any], request_id: str,
+               answer_early: Callable[[], None] | None = None) -> Outcome:
+        """Run the handler within its time limit. With `answer_early` (a way to send the 502 from
+        another thread) it runs inline under the watchdog; else on a runner thread."""
+        if answer_early is not None:
+            return self._invoke_inline(function, event, request_id, answer_early)
         started = time.monotonic()
         context = LambdaContext(function.name, request_id, function.timeout, started=started)
         runner = self._take()

@@ -12,6 +12,8 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
+import time
 from typing import Any
 
 from flask import Flask
@@ -27,16 +29,54 @@ from bgfn.settings import Settings
 log = logging.getLogger("bgfn.server")
 
 
+_worker: Any = None
+"""This process's gunicorn worker (set by its first request)."""
+_abandoned = 0
+"""Handler threads of this process that overran their limit and may never return."""
+
+
 def _pre_request(worker: Any, req: Any) -> None:
+    global _worker
     request_local.headers = req.headers
-    request_local.worker = worker
+    _worker = worker
 
 
 def _recycle_worker(function: Function) -> None:
-    worker = getattr(request_local, "worker", None)
+    """A handler overran its time limit (called from bgfn.invoke's watchdog or the request thread):
+    let this worker finish its other requests and be replaced."""
+    global _abandoned
+    _abandoned += 1
+    worker = _worker
     if worker is not None and worker.alive:
         log.warning("recycling web worker %s after %s overran its time limit", worker.pid, function.name)
         worker.alive = False
+        threading.Thread(target=_exit_when_idle, args=(worker,), name="bgfn-recycle", daemon=True).start()
+
+
+def _exit_when_idle(worker: Any) -> None:
+    """End a recycled worker once its requests other than the stuck ones are answered (gunicorn would
+    wait for the stuck ones too, up to its graceful timeout, serving nothing meanwhile)."""
+    wake = getattr(getattr(worker, "method_queue", None), "defer", None)
+    if wake is not None:
+        wake(lambda: None)  # as gunicorn's own SIGTERM handler: the loop sees `alive` now, not in 1 s
+    deadline = time.monotonic() + float(worker.cfg.graceful_timeout)
+    while time.monotonic() < deadline:
+        # gthread's loop must have stopped accepting, so no connection is taken after this; then every
+        # connection but the stuck ones must be done (kept-alive ones are closed by gthread shortly).
+        if not getattr(worker, "_accepting", False) and getattr(worker, "nr_conns", 0) <= _abandoned:
+            break
+        time.sleep(0.05)
+    log.warning("web worker %s exits, leaving %d stuck handler thread(s) behind", worker.pid, _abandoned)
+    logging.shutdown()
+    os._exit(0)
+
+
+def _worker_exit(server: Any, worker: Any) -> None:
+    """A worker with an abandoned handler thread would wait for it forever at interpreter exit
+    (gunicorn's request threads are joined): end the process here instead."""
+    if _abandoned:
+        logging.shutdown()
+        os._exit(0)
 
 
 def _child_exit(server: Any, worker: Any) -> None:
@@ -81,6 +121,7 @@ def gunicorn_options(settings: Settings, registry: Registry) -> dict[str, Any]:
         "preload_app": True,
         "pre_request": _pre_request,
         "child_exit": _child_exit,
+        "worker_exit": _worker_exit,
         "loglevel": settings.log_level.lower(),
         "accesslog": "-" if settings.dev else None,
         "proc_name": "bgfn-web",
