@@ -324,7 +324,8 @@ def _accept_background(state: BgfnState, function: Function, event: dict[str, An
                 idempotency.release(state.queue.connection, function.name, key, request_id)
             return _refused(state, function, refusal)
         enqueue_invocation(state.queue, function, event, request_id,
-                           callback_url=callback_url.strip() if callback_url else None)
+                           callback_url=callback_url.strip() if callback_url else None,
+                           result_ttl=settings.result_ttl, failure_ttl=settings.failure_ttl)
     except idempotency.IdempotencyKeyError as exc:
         return error_response(400, "BadIdempotencyKey", str(exc))
     except (QueueUnavailable, *REDIS_ERRORS) as exc:

@@ -171,7 +171,8 @@ def scheduler(ctx: click.Context, **flags: Any) -> None:
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
-        Scheduler(registry, make_queue(connect(settings.redis_url), settings.queue)).run(stop)
+        Scheduler(registry, make_queue(connect(settings.redis_url), settings.queue),
+                  result_ttl=settings.result_ttl, failure_ttl=settings.failure_ttl).run(stop)
 
 
 @main.command()

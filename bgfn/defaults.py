@@ -52,10 +52,11 @@ REDIS_SOCKET_TIMEOUT = 5.0
 """How long a Redis command or connect may take before the web answers 503 (seconds)."""
 
 RESULT_TTL = 7 * 24 * 3600
-"""How long the result of a finished background job is kept in Redis (seconds)."""
+"""How long the record of a finished background job is kept in Redis (seconds; BGFN_RESULT_TTL).
+Redis holds about throughput x this x a record's size (~3-6 KiB for a small event)."""
 
 FAILURE_TTL = 30 * 24 * 3600
-"""How long a failed background job is kept in Redis's failed list (seconds)."""
+"""How long a failed background job is kept in Redis's failed list (seconds; BGFN_FAILURE_TTL)."""
 
 IDEMPOTENCY_WINDOW = 24 * 3600
 """How long an `Idempotency-Key` is remembered for a function (seconds)."""

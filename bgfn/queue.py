@@ -67,7 +67,8 @@ def retry_policy(delays: list[int]) -> Retry | None:
 
 
 def enqueue_invocation(queue: Queue, function: Function, event: dict[str, Any], request_id: str, *,
-                       callback_url: str | None = None) -> Job:
+                       callback_url: str | None = None, result_ttl: int = defaults.RESULT_TTL,
+                       failure_ttl: int = defaults.FAILURE_TTL) -> Job:
     """Store one background invocation (one atomic write); returns only once Redis has it.
 
     Raises :class:`QueueUnavailable` when Redis cannot take it.
@@ -80,8 +81,8 @@ def enqueue_invocation(queue: Queue, function: Function, event: dict[str, Any], 
     options: dict[str, Any] = dict(
         args=(function.name, event, {"request_id": request_id, "accepted_at": accepted_at}),
         timeout=max(1, int(round(function.timeout))),
-        result_ttl=defaults.RESULT_TTL,
-        failure_ttl=defaults.FAILURE_TTL,
+        result_ttl=result_ttl,
+        failure_ttl=failure_ttl,
         description=function.name,
         job_id=request_id,
         retry=retry_policy(function.retry.job_delays()),

@@ -22,6 +22,7 @@ import redis
 from croniter import croniter
 from rq import Queue
 
+from bgfn import defaults
 from bgfn.discovery import Function, Registry
 from bgfn.queue import REDIS_ERRORS, enqueue_invocation, new_request_id
 
@@ -54,9 +55,11 @@ def tick_event(function: Function, next_run: float) -> dict[str, object]:
 class Scheduler:
     """Enqueues each due tick of the registry's scheduled functions once across all schedulers."""
 
-    def __init__(self, registry: Registry, queue: Queue, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, registry: Registry, queue: Queue, clock: Callable[[], float] = time.time, *,
+                 result_ttl: int = defaults.RESULT_TTL, failure_ttl: int = defaults.FAILURE_TTL) -> None:
         self.queue = queue
         self.clock = clock
+        self.result_ttl, self.failure_ttl = result_ttl, failure_ttl
         self.functions = [f for f in registry if f.settings.get("schedule")]
         now = clock()
         self.next: dict[str, float] = {f.name: next_tick(f.settings["schedule"], now) for f in self.functions}
@@ -78,7 +81,8 @@ class Scheduler:
             key = TICK_KEY.format(function=function.name, tick=int(tick))
             if self.queue.connection.set(key, "1", nx=True, ex=TICK_TTL):
                 job_id = new_request_id()
-                enqueue_invocation(self.queue, function, tick_event(function, following), job_id)
+                enqueue_invocation(self.queue, function, tick_event(function, following), job_id,
+                                   result_ttl=self.result_ttl, failure_ttl=self.failure_ttl)
                 stored.append(job_id)
                 log.info("scheduled %s: tick %s enqueued as job %s", function.name,
                          datetime.fromtimestamp(tick, UTC).isoformat(), job_id,

@@ -170,6 +170,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("shutdown_grace", "BGFN_SHUTDOWN_GRACE", _positive_int, "a whole number of seconds >= 1",
             "BGFN_SHUTDOWN_GRACE=30",
             "How long a worker told to stop lets its job finish before handing it back (seconds).", None),
+    Setting("result_ttl", "BGFN_RESULT_TTL", _positive_int, "a whole number of seconds >= 1",
+            "BGFN_RESULT_TTL=604800",
+            "How long a finished job's record (status, result, logs) is kept in Redis (seconds).", None),
+    Setting("failure_ttl", "BGFN_FAILURE_TTL", _positive_int, "a whole number of seconds >= 1",
+            "BGFN_FAILURE_TTL=2592000",
+            "How long a failed job stays in the failed list, replayable (seconds).", None),
     Setting("horse_max_jobs", "BGFN_HORSE_MAX_JOBS", _positive_int, "a whole number >= 1",
             "BGFN_HORSE_MAX_JOBS=1000",
             "Jobs one work horse runs before the worker forks a fresh one (1: a fork per job, as RQ).", None),
@@ -214,6 +220,8 @@ class Settings:
     lost_job_timeout: int = defaults.LOST_JOB_TIMEOUT
     shutdown_grace: int = defaults.SHUTDOWN_GRACE
     horse_max_jobs: int = defaults.HORSE_MAX_JOBS
+    result_ttl: int = defaults.RESULT_TTL
+    failure_ttl: int = defaults.FAILURE_TTL
     context: str = defaults.CONTEXT
     max_queued: int = defaults.MAX_QUEUED
     max_queue_age: int = defaults.MAX_QUEUE_AGE

@@ -350,3 +350,19 @@ def test_canceling_or_replaying_a_job_waiting_for_its_retry_leaves_the_count_rig
     queue = make_queue(redis_client, "bgfn")
     assert jobs.replay(queue, jobs.fetch(redis_client, retrying))["state"] == "queued"
     assert waiting(redis_client, "retrying-background") == 1  # waits for a first run again
+
+
+def test_finished_and_failed_records_expire_after_the_configured_ttls(
+        make_site: Callable[..., Path], make_client: Callable[..., FlaskClient], redis_client: redis.Redis,
+        redis_url: str, marks: Path) -> None:
+    # The queue caps bound what waits; BGFN_RESULT_TTL / BGFN_FAILURE_TTL bound what is kept after.
+    site = make_site(SITE)
+    client = make_client(site, result_ttl=120, failure_ttl=300)
+    (marks / "broken").touch()
+    done_id = job_id(post(client, "other-background"))
+    failed_id = job_id(post(client, "flaky-background"))
+    run_worker_burst(site, redis_url, MARK_DIR=str(marks))
+    assert client.get(f"/.bgfn/jobs/{done_id}").get_json()["state"] == "succeeded"
+    assert client.get(f"/.bgfn/jobs/{failed_id}").get_json()["state"] == "failed"
+    assert 100 < redis_client.ttl(f"rq:job:{done_id}") <= 120
+    assert 280 < redis_client.ttl(f"rq:job:{failed_id}") <= 300

@@ -70,6 +70,16 @@ SPIN = """
             pass
 """
 
+# Blocked in a C call (the GIL released), the most common way to time out. Writes its pid first.
+NAP = """
+    import os, pathlib, time
+    config = {"timeout": 1}
+    def handler(event, context):
+        pathlib.Path(os.environ["PID_DIR"], context.function_name).write_text(str(os.getpid()))
+        time.sleep(120)
+        return {"statusCode": 200, "body": "too late"}
+"""
+
 
 def error_body(data: bytes) -> dict[str, object]:
     body = json.loads(data)
@@ -190,13 +200,14 @@ def test_stuck_handler_times_out_and_the_server_stays_healthy(make_site: Callabl
     site = make_site({
         "functions/spin-config.py": textwrap.dedent(SPIN) + '\nconfig = {"timeout": 1}\n',
         "functions/spin-toml.py": SPIN,
+        "functions/nap.py": NAP,
         "functions/ok.py": OK,
         "bgfn.toml": '[functions."spin-toml"]\ntimeout = 1\n',
     })
     base = start_server(site, "--workers", "1", PID_DIR=str(pid_dir))  # only the replacement can answer
     assert http(base, "GET", "/.netlify/functions/ok").status == 200
 
-    for name in ("spin-config", "spin-toml"):
+    for name in ("spin-config", "spin-toml", "nap"):
         started = time.monotonic()
         stuck = http(base, "POST", f"/.netlify/functions/{name}", body=b"{}",
                      headers=[("Content-Type", "application/json")])
