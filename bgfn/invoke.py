@@ -43,7 +43,6 @@ class Outcome:
     error_message: str | None = None
     trace: list[str] | None = None
     timed_out: bool = False
-    answered_early: bool = False  # the timeout was already answered by the watchdog
     duration: float = 0.0
 
     @property
@@ -209,7 +208,7 @@ class Invoker:
         duration = time.monotonic() - started
         if not in_time:
             return Outcome(error_type="TimeoutError", error_message=timeout_message(function.timeout),
-                           timed_out=True, answered_early=True, duration=duration)
+                           timed_out=True, duration=duration)  # the watchdog has answered already
         if error is not None:
             error_type, message, trace = describe_error(error)
             return Outcome(error_type=error_type, error_message=message, trace=trace, duration=duration)
