@@ -88,6 +88,11 @@ HORSE_KILL_GRACE = 5
 (seconds): the horse's own alarm stops a handler in Python code at the limit; this is the backstop
 for one stuck where a signal cannot reach it (a C call, signals blocked)."""
 
+ALARM_REPEAT = 1.0
+"""After a background job's time limit the horse's alarm goes off again this often until the job
+stops (seconds): a handler (or a library under it) whose `except Exception` swallowed the first
+timeout gets another."""
+
 HORSE_MAX_JOBS = 1000
 """Jobs one work horse runs before the worker replaces it with a fresh fork (BGFN_HORSE_MAX_JOBS;
 bounds what a leaking handler can accumulate)."""

@@ -8,9 +8,9 @@ RQ's `perform_job` (status, result, retries, callbacks) exactly as a forked hors
 
 The worker kills the horse, and forks a fresh one for the next job, when
 
-- a job runs HORSE_KILL_GRACE seconds past its time limit: the horse's own alarm (SIGALRM) stops a
-  handler running Python code at the limit, but not one stuck in a C call or with signals blocked;
-  only a kill from another process does;
+- a job runs HORSE_KILL_GRACE seconds past its time limit: the horse's own alarm (SIGALRM, repeated
+  every ALARM_REPEAT seconds: :class:`RepeatingAlarm`) stops a handler running Python code at the
+  limit, but not one stuck in a C call or with signals blocked; only a kill from another process does;
 - a running job is canceled, or a stopping worker hands its job back to the queue;
 - the horse has run BGFN_HORSE_MAX_JOBS jobs, so a leaking handler cannot grow without bound.
 
@@ -36,6 +36,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from rq.executions import Execution
+from rq.timeouts import UnixSignalDeathPenalty
+
+from bgfn import defaults
 
 if TYPE_CHECKING:
     from bgfn.worker import BgfnWorker
@@ -77,6 +80,22 @@ class Horse:
                 os.close(fd)
             except OSError:
                 pass
+
+
+class RepeatingAlarm(UnixSignalDeathPenalty):
+    """RQ's time limit in the horse (SIGALRM raising JobTimeoutException), repeated every
+    ALARM_REPEAT seconds until the job stops: RQ's fires once, and a handler that catches
+    `Exception` around its work swallows it and runs on until the worker's kill."""
+
+    def setup_death_penalty(self) -> None:
+        if self._timeout is None or self._timeout <= 0:
+            return
+        signal.signal(signal.SIGALRM, self.handle_death_penalty)
+        signal.setitimer(signal.ITIMER_REAL, float(self._timeout), defaults.ALARM_REPEAT)
+
+    def cancel_death_penalty(self) -> None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
 
 
 def spawn(worker: BgfnWorker) -> Horse:

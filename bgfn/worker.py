@@ -271,6 +271,8 @@ class BgfnWorker(Worker):
     """RQ's worker with a long-lived work horse, bgfn's time limit, lost-job detection and graceful
     hand-back."""
 
+    death_penalty_class = horse.RepeatingAlarm
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         lost = current_settings().lost_job_timeout
         self.heartbeat_interval = max(1, lost // 6)
@@ -358,8 +360,9 @@ class BgfnWorker(Worker):
         if job.func_name != JOB_FUNCTION or self._handing_back == job.id:
             return
         try:
-            job.refresh()
-            job.meta["error"] = {"type": kind, "message": message}
+            meta = job.get_meta(refresh=True)  # the horse's latest record (not a whole refresh: ended_at is set)
+            meta["error"] = {"type": kind, "message": message}
+            job.meta = meta
             job.save_meta()
         except (redis.exceptions.RedisError, InvalidJobOperation) as exc:
             self.log.warning("Worker %s: could not record the error of job %s: %s", self.name, job.id, exc)
