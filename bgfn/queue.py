@@ -115,7 +115,7 @@ def enqueue_callback(job: Job, retry_delays: tuple[int, ...]) -> Job | None:
         return None
     # Same queue as the invocations: a worker listening to one queue dequeues with RQ's crash-safe LMOVE
     # (with several queues RQ falls back to BLPOP, which can lose a job popped by a worker killed then).
-    deliveries = Queue(job.origin, connection=job.connection, serializer=JSONSerializer)
+    deliveries = make_queue(job.connection, job.origin)
     return deliveries.enqueue_call(
         DELIVERY_FUNCTION, args=(job.id, url), timeout=60, retry=retry_policy(list(retry_delays)),
         result_ttl=defaults.RESULT_TTL, failure_ttl=defaults.FAILURE_TTL,

@@ -177,6 +177,22 @@ def test_one_work_horse_runs_job_after_job_and_is_renewed_after_its_quota(
     assert not any(Path(f"/proc/{pid}").exists() for pid in set(pids[:3]))  # the spent horse was reaped
 
 
+def test_a_stopping_worker_ends_its_idle_work_horse(
+        site: Path, make_client: Callable[..., FlaskClient], start_worker: Callable[..., Process],
+        redis_client: redis.Redis, marks: Path) -> None:
+    client = make_client(site)
+    worker = start_worker(site, MARK_DIR=str(marks))
+    job_id = accept(client, "pid-background")
+    wait_status(redis_client, job_id, JobStatus.FINISHED, worker=worker)
+    horse_pid, _ = horse_of(marks, job_id)
+    assert Path(f"/proc/{horse_pid}").exists()  # kept between jobs
+
+    worker.signal(signal.SIGTERM)
+    wait_for(lambda: not worker.alive(), timeout=20, what="the worker to stop")
+    assert worker.popen.returncode == 0, worker.output()
+    assert not Path(f"/proc/{horse_pid}").exists()  # no horse left behind waiting for orders
+
+
 def test_a_handler_deaf_to_the_alarm_is_killed_by_the_worker(
         site: Path, make_client: Callable[..., FlaskClient], start_worker: Callable[..., Process],
         redis_client: redis.Redis, marks: Path) -> None:
