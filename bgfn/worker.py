@@ -12,7 +12,9 @@ What bgfn adds to RQ's worker (:class:`BgfnWorker`):
 - the time limit is the worker's own (BGFN_BACKGROUND_TIMEOUT and the function's `timeout`);
 - lost jobs: workers heartbeat running jobs every sixth of BGFN_LOST_JOB_TIMEOUT and look for
   jobs whose heartbeat stopped every third of it, so a job whose worker was killed is retried
-  (as a failed attempt) within about twice BGFN_LOST_JOB_TIMEOUT plus its retry delay;
+  (as a failed attempt) within about twice BGFN_LOST_JOB_TIMEOUT plus its retry delay; a job
+  taken off the queue but never started (Redis went away mid-dequeue) is put back after
+  BGFN_LOST_JOB_TIMEOUT, not counted as an attempt;
 - shutdown: on SIGTERM a worker takes no new job and lets the running one finish for up to
   BGFN_SHUTDOWN_GRACE seconds, then stops it and hands it back to the front of the queue (not
   counted as an attempt);
@@ -476,7 +478,7 @@ class BgfnWorker(Worker):
                         if j is not None and j.get_status(refresh=False) == JobStatus.STARTED]
                 clean_registries(queue, self._exc_handlers)
                 worker_registration.clean_worker_registry(queue)
-                queue.intermediate_queue.cleanup(self, queue)
+                self._requeue_stranded(queue)
                 for job in lost:
                     if job.get_status(refresh=True) == JobStatus.FAILED:
                         self.log.warning("Worker %s: job %s was lost with its worker and has no attempt left",
@@ -485,6 +487,28 @@ class BgfnWorker(Worker):
             finally:
                 queue.release_maintenance_lock()
         self.last_cleaned_at = now()  # type: ignore[assignment]  # RQ declares it None only
+
+    def _requeue_stranded(self, queue: Queue) -> None:
+        """Put back at the front of the queue the jobs a worker took off it (RQ's dequeue moves a job
+        to an intermediate list) but never started: the move's reply was lost when Redis went away,
+        or the worker died right after it. They are found by the same sweep as lost jobs, stranded
+        for BGFN_LOST_JOB_TIMEOUT; nothing ran, so no attempt is counted. (RQ's own cleanup waits a
+        minute, then fails such a job as if it had run.)"""
+        intermediate = queue.intermediate_queue
+        limit = current_settings().lost_job_timeout
+        for job_id in intermediate.get_job_ids():  # almost always none
+            if job_id in queue.started_job_registry or intermediate.set_first_seen(job_id):
+                continue  # running, or seen for the first time now
+            first_seen = intermediate.get_first_seen(job_id)
+            if first_seen is None or (now() - first_seen).total_seconds() < limit:
+                continue
+            with self.connection.pipeline() as pipeline:
+                pipeline.lrem(intermediate.key, 1, job_id)
+                queue.push_job_id(job_id, pipeline=pipeline, at_front=True)
+                pipeline.delete(intermediate.get_first_seen_key(job_id))
+                pipeline.execute()
+            self.log.warning("Worker %s: job %s was taken off queue %s but never started; it is back at the "
+                             "front of the queue", self.name, job_id, queue.name)
 
     @property
     def stop_requested(self) -> bool:

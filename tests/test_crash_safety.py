@@ -296,6 +296,28 @@ def test_sigterm_hands_an_overrunning_job_back_to_the_front_of_the_queue(
     assert starts(marks, job_id)[1][0] <= starts(marks, behind_id)[0][0]
 
 
+def test_a_job_taken_off_the_queue_but_never_started_goes_back_without_losing_an_attempt(
+        site: Path, make_client: Callable[..., FlaskClient], start_worker: Callable[..., Process],
+        redis_client: redis.Redis, marks: Path) -> None:
+    # RQ dequeues by moving the job id to an intermediate list; when Redis goes away mid-dequeue (the
+    # move done, its reply lost) or the worker dies right after, the job sits there, started by no one.
+    client = make_client(site)
+    job_id = accept(client, "mark-background")
+    assert redis_client.lmove("rq:queue:bgfn", "rq:queue:bgfn:intermediate", "LEFT", "RIGHT") == job_id.encode()
+    stranded_at = time.time()
+
+    worker = start_worker(site, **crash_env(marks))
+    wait_for(lambda: finished(marks, job_id), timeout=RERUN_BOUND + SLACK,
+             what=f"the stranded job to run: {worker.output()}")
+    ran_after = starts(marks, job_id)[0][0] - stranded_at
+    print(f"stranded job ran {ran_after:.2f} s after it was taken off the queue (bound {LOST} s + sweeps)")
+    assert ran_after < RERUN_BOUND + SLACK  # RQ's own cleanup: over a minute, and a failed attempt
+    job = fetch(redis_client, job_id)
+    assert job.get_status() == JobStatus.FINISHED
+    assert job.meta["attempts"] == 1  # nothing had run: no attempt lost
+    assert redis_client.llen("rq:queue:bgfn:intermediate") == 0
+
+
 def test_redis_restart_under_load_loses_no_accepted_invocation(
         site: Path, start_server: Callable[..., str], processes: list[Process], tmp_path: Path,
         marks: Path) -> None:
