@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from types import ModuleType
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -183,15 +184,10 @@ def _dispatch(state: BgfnState, name: str, path: str) -> Response:
 def _observe(state: BgfnState, function: Function, request_id: str, response: Response, seconds: float) -> None:
     """Count the invocation and write its one log line (the request id is the job id of a 202)."""
     status = response.status_code
-    metrics = state.metrics
-    metrics.INVOCATIONS.labels(function.name, function.kind, str(status)).inc()
-    if not function.background:
-        metrics.SYNC_DURATION.labels(function.name).observe(seconds)
-    elif status == 202:
-        metrics.ACCEPTED.labels(function.name).inc()
-    else:
+    reason = None
+    if function.background and status != 202:
         reason = getattr(response, "bgfn_reason", None) or REFUSAL_REASONS.get(status, str(status))
-        metrics.REFUSED.labels(function.name, reason).inc()
+    state.metrics.observe_invocation(function.name, function.kind, status, seconds, reason)
     log.info("invocation %s %s %s -> %d in %.1f ms", function.name, function.kind, request_id, status,
              seconds * 1000, extra={"event": "invocation", "function": function.name, "kind": function.kind,
                                     "request_id": request_id, "status": status,
@@ -199,21 +195,25 @@ def _observe(state: BgfnState, function: Function, request_id: str, response: Re
 
 
 def _invoke(state: BgfnState, function: Function, path: str, request_id: str) -> Response:
-    environ = request.environ
+    req = request._get_current_object()  # type: ignore[attr-defined]  # one context lookup, not one per use
+    environ = req.environ
     limit = defaults.BACKGROUND_BODY_LIMIT if function.background else defaults.SYNC_BODY_LIMIT
-    length = request.content_length
-    if length is not None and length > limit:
-        return _too_large(function, length, limit)
-    body = request.stream.read(limit + 1)
-    if len(body) > limit:
-        return _too_large(function, None, limit)
+    if environ.get("CONTENT_LENGTH", "") in ("", "0") and "HTTP_TRANSFER_ENCODING" not in environ:
+        body = b""  # nothing to read (most GETs): werkzeug's stream wrapper would find the same
+    else:
+        length = req.content_length
+        if length is not None and length > limit:
+            return _too_large(function, length, limit)
+        body = req.stream.read(limit + 1)
+        if len(body) > limit:
+            return _too_large(function, None, limit)
 
-    event = build_event(method=request.method, path=path, query=environ.get("QUERY_STRING", ""),
-                        headers=_raw_headers(environ), body=body, scheme=request.scheme,
-                        host=request.host, client_ip=_client_ip(environ, state.settings))
+    event = build_event(method=req.method, path=path, query=environ.get("QUERY_STRING", ""),
+                        headers=_raw_headers(environ), body=body, scheme=req.scheme,
+                        host=req.host, client_ip=_client_ip(environ, state.settings))
     if function.background:
         return _accept_background(state, function, event, request_id)
-    return _run_sync(state, function, event, request_id)
+    return _run_sync(state, function, event, request_id, environ.get("gunicorn.socket"))
 
 
 def _too_large(function: Function, length: int | None, limit: int) -> Response:
@@ -227,42 +227,38 @@ def _human(size: int) -> str:
     return f"{size // (1024 * 1024)} MiB" if size >= 1024 * 1024 else f"{size // 1024} KiB"
 
 
-def _run_sync(state: BgfnState, function: Function, event: dict[str, Any], request_id: str) -> Response:
+def _run_sync(state: BgfnState, function: Function, event: dict[str, Any], request_id: str,
+              sock: socket.socket | None) -> Response:
     slots = state.sync_slots.get(function.name)
     if slots is None:
-        return _run_sync_unlimited(state, function, event, request_id)
+        return _run_sync_unlimited(state, function, event, request_id, sock)
     if not slots.acquire(blocking=False):
         limit = function.settings["sync_concurrency"]
         return error_response(429, "TooManyRequests", f"{function.name!r} already runs {limit} calls in this web "
                               f"process (its sync_concurrency is {limit}); try again shortly.",
                               headers={"Retry-After": "1"})
     try:
-        return _run_sync_unlimited(state, function, event, request_id)
+        return _run_sync_unlimited(state, function, event, request_id, sock)
     finally:
         slots.release()
 
 
-def _socket_answer(function: Function, head: bool) -> Callable[[], None] | None:
-    """Under gunicorn: a way for the watchdog to answer this request `502 TimeoutError` on the
-    client's socket while the handler is still stuck in the request thread (bgfn.invoke)."""
-    sock = request.environ.get("gunicorn.socket")
-    if sock is None:
-        return None
-
-    def answer() -> None:
-        response = error_response(502, "TimeoutError", timeout_message(function.timeout))
-        body = response.get_data()
-        lines = [f"HTTP/1.1 {response.status}", f"Content-Type: {response.content_type}",
-                 f"Content-Length: {len(body)}", "Connection: close", "", ""]
-        sock.sendall("\r\n".join(lines).encode("latin-1") + (b"" if head else body))
-        sock.shutdown(socket.SHUT_RDWR)
-
-    return answer
+def _answer_timeout(sock: socket.socket, function: Function, head: bool) -> None:
+    """Answer a request `502 TimeoutError` on the client's socket (gunicorn's), from the watchdog,
+    while the handler is still stuck in the request thread (bgfn.invoke)."""
+    response = error_response(502, "TimeoutError", timeout_message(function.timeout))
+    body = response.get_data()
+    lines = [f"HTTP/1.1 {response.status}", f"Content-Type: {response.content_type}",
+             f"Content-Length: {len(body)}", "Connection: close", "", ""]
+    sock.sendall("\r\n".join(lines).encode("latin-1") + (b"" if head else body))
+    sock.shutdown(socket.SHUT_RDWR)
 
 
-def _run_sync_unlimited(state: BgfnState, function: Function, event: dict[str, Any], request_id: str) -> Response:
+def _run_sync_unlimited(state: BgfnState, function: Function, event: dict[str, Any], request_id: str,
+                        sock: socket.socket | None) -> Response:
     head = event["httpMethod"] == "HEAD"
-    outcome = state.invoker.invoke(function, event, request_id, _socket_answer(function, head))
+    answer_early = partial(_answer_timeout, sock, function, head) if sock is not None else None
+    outcome = state.invoker.invoke(function, event, request_id, answer_early)
     if outcome.timed_out:
         return error_response(502, "TimeoutError", outcome.error_message or "")
     if not outcome.ok:

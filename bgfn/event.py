@@ -37,8 +37,9 @@ def build_event(*, method: str, path: str, query: str, headers: Iterable[tuple[s
         multi_headers.setdefault(lowered, []).append(value)
     multi_headers["client-ip"] = [client_ip]
     multi_query: dict[str, list[str]] = {}
-    for key, value in parse_qsl(query, keep_blank_values=True):
-        multi_query.setdefault(key, []).append(value)
+    if query:
+        for key, value in parse_qsl(query, keep_blank_values=True):
+            multi_query.setdefault(key, []).append(value)
     content_type = multi_headers.get("content-type", [None])[0]
     is_text = is_text_content_type(content_type)
     if not body:
@@ -75,8 +76,13 @@ class LambdaContext:
         self.aws_request_id = request_id
         self.invoked_function_arn = f"arn:bgfn:function:{function_name}"
         self.log_group_name = f"/bgfn/functions/{function_name}"
-        self.log_stream_name = f"{time.strftime('%Y/%m/%d', time.gmtime())}/[$LATEST]{request_id}"
+        self._created = time.time()
         self._deadline = (time.monotonic() if started is None else started) + timeout
+
+    @property
+    def log_stream_name(self) -> str:
+        """As Lambda's: the invocation's UTC date, then the request id (made when first read)."""
+        return f"{time.strftime('%Y/%m/%d', time.gmtime(self._created))}/[$LATEST]{self.aws_request_id}"
 
     def get_remaining_time_in_millis(self) -> int:
         return max(0, int((self._deadline - time.monotonic()) * 1000))

@@ -21,6 +21,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from datetime import datetime
+from typing import Any
 
 import redis
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -38,6 +39,30 @@ ACCEPTED = Counter("bgfn_background_accepted_total", "Background invocations sto
                    ["function"])
 REFUSED = Counter("bgfn_background_refused_total", "Background invocations refused (not stored), by reason.",
                   ["function", "reason"])
+
+
+_children: dict[tuple[str, ...], tuple[Any, ...]] = {}
+"""The label children one invocation touches, by (function, kind, status[, reason]): looked up once
+(prometheus-client's `labels()` takes a lock and builds a key on every call). Safe across fork:
+prometheus-client re-opens a child's storage when the pid changes."""
+
+
+def observe_invocation(function: str, kind: str, status: int, seconds: float, reason: str | None) -> None:
+    """Count one answered invocation: by status; a synchronous one's duration; a background one as
+    accepted (202) or refused for `reason`."""
+    key = (function, kind, str(status)) if reason is None else (function, kind, str(status), reason)
+    children = _children.get(key)
+    if children is None:
+        children = (INVOCATIONS.labels(function, kind, key[2]),
+                    SYNC_DURATION.labels(function) if kind == "sync" else
+                    ACCEPTED.labels(function) if status == 202 else REFUSED.labels(function, reason or key[2]))
+        _children[key] = children
+    invocations, second = children
+    invocations.inc()
+    if kind == "sync":
+        second.observe(seconds)
+    else:
+        second.inc()
 
 
 class RedisJobCollector(Collector):

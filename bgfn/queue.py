@@ -8,8 +8,8 @@ loads the same functions can rebuild the event.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import time
-import uuid
 from typing import Any
 
 import redis
@@ -59,7 +59,13 @@ def make_queue(connection: redis.Redis, name: str) -> Queue:
 
 
 def new_request_id() -> str:
-    return str(uuid.uuid4())
+    """A random (version 4) UUID in its text form, from 16 bytes of os.urandom: unguessable.
+    (`str(uuid.uuid4())` makes the same, at three times the cost.)"""
+    raw = bytearray(os.urandom(16))
+    raw[6] = raw[6] & 0x0F | 0x40  # version 4
+    raw[8] = raw[8] & 0x3F | 0x80  # RFC 4122 variant
+    x = raw.hex()
+    return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
 
 
 def retry_policy(delays: list[int]) -> Retry | None:

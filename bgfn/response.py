@@ -75,7 +75,7 @@ def map_response(result: Any, *, head: bool = False) -> Response:
     """Build the answer for a handler's return value, or raise :class:`InvalidResponse`."""
     if result is None:
         raise InvalidResponse("lambda response was None. check your function code again")
-    if not isinstance(result, Mapping):
+    if type(result) is not dict and not isinstance(result, Mapping):  # the ABC check only for non-dicts
         raise InvalidResponse(f"Your function response must be an object (a dict). You gave: {result!r}")
     status = result.get("statusCode")
     if isinstance(status, float) and status.is_integer():
@@ -118,15 +118,11 @@ def map_response(result: Any, *, head: bool = False) -> Response:
         pairs[_check_name(name).lower()] = [(name, _header_text(name, v)) for v in values]
 
     no_body = head or status in NO_BODY_STATUSES
-    response = RawResponse(b"" if no_body else data, status=status)
-    response.headers.clear()
-    for lowered, items in pairs.items():
-        if lowered in SERVER_HEADERS:
-            continue
-        for name, text in items:
-            response.headers.add(name, text)
-    if head and data:
-        response.headers["Content-Length"] = str(len(data))
-    elif status not in NO_BODY_STATUSES:
+    kept = [pair for lowered, items in pairs.items() if lowered not in SERVER_HEADERS for pair in items]
+    # werkzeug sets Content-Length from the body it is given; a HEAD answer states the GET body's length
+    response = RawResponse(b"" if no_body else data, status=status, headers=kept)
+    if status in NO_BODY_STATUSES:
+        del response.headers["Content-Length"]
+    elif head:
         response.headers["Content-Length"] = str(len(data))
     return response

@@ -351,4 +351,5 @@ def test_job_ids_differ_and_are_uuid4(site: Path, make_client: Callable[..., Fla
     client = make_client(site)
     ids = {accept(client, "ok-background") for _ in range(20)}
     assert len(ids) == 20
-    assert all(uuid.UUID(job_id).version == 4 for job_id in ids)
+    assert all(uuid.UUID(job_id).version == 4 and uuid.UUID(job_id).variant == uuid.RFC_4122
+               and str(uuid.UUID(job_id)) == job_id for job_id in ids)
