@@ -4,9 +4,10 @@ A handler must be answered `502 TimeoutError` at its time limit even when it is 
 cannot stop a thread). Two ways, by what the caller can do:
 
 - Served by gunicorn (the caller passes `answer_early`): the handler runs inline in the request
-  thread, and a watchdog thread per process, which looks at the calls in flight every
-  WATCH_INTERVAL, answers an overrunning one itself through `answer_early` (bgfn.app writes the 502
-  on the client's socket and closes it). This costs no thread hand-off per call.
+  thread, and a watchdog thread per process answers an overrunning one itself at its deadline
+  through `answer_early` (bgfn.app writes the 502 on the client's socket and closes it). This costs
+  no thread hand-off per call. The watchdog sleeps until the earliest deadline it could have to
+  meet (a call starting later has a later one), so it does not wake while calls finish in time.
 - Otherwise (the Flask test client, `bgfn invoke`): the handler runs on a runner thread and the
   calling thread stops waiting at the limit.
 
@@ -105,9 +106,10 @@ class _Slot:
         self.error: BaseException | None = None
 
 
-WATCH_INTERVAL = 0.02
-"""How often the watchdog looks for calls past their time limit (seconds): a stuck call is answered
-at most this late."""
+WATCH_SLACK = 0.001
+"""The watchdog's shortest sleep (seconds), so a deadline a hair away is not polled for in a loop."""
+WATCH_LONGEST = 60.0
+"""The watchdog's longest sleep (seconds)."""
 
 
 class _Call:
@@ -136,6 +138,9 @@ class Invoker:
         self._pid = os.getpid()
         self._inflight: dict[int, _Call] = {}
         self._watchdog: threading.Thread | None = None
+        self._wake = threading.Event()
+        self._next_wake = 0.0  # when the watchdog will look next (monotonic; under self._lock)
+        self._shortest = float("inf")  # the shortest time limit seen (seconds; under self._lock)
         self._local = threading.local()
 
     def _take(self) -> _Runner:
@@ -147,6 +152,7 @@ class Invoker:
         """Forget the parent's threads in a forked child (call with self._lock held)."""
         if self._pid != os.getpid():
             self._idle, self._inflight, self._watchdog, self._pid = [], {}, None, os.getpid()
+            self._wake, self._next_wake, self._shortest = threading.Event(), 0.0, float("inf")
 
     def _watch(self, call: _Call) -> None:
         with self._lock:
@@ -155,6 +161,9 @@ class Invoker:
                 self._watchdog = threading.Thread(target=self._watch_loop, name="bgfn-watchdog", daemon=True)
                 self._watchdog.start()
             self._inflight[id(call)] = call
+            self._shortest = min(self._shortest, call.function.timeout)
+            if call.deadline < self._next_wake:  # only a call with a shorter limit than any before
+                self._wake.set()
 
     def _finish(self, call: _Call) -> bool:
         """The call returned: True when it did so in time, False when it was already answered 502."""
@@ -167,16 +176,21 @@ class Invoker:
 
     def _watch_loop(self) -> None:
         while True:
-            time.sleep(WATCH_INTERVAL)
-            now = time.monotonic()
             overdue: list[_Call] = []
             with self._lock:
+                now = time.monotonic()
+                # A call that starts from now on ends no sooner than now + the shortest limit seen (a
+                # shorter one sets self._wake): sleep until then or the earliest deadline in flight.
+                self._next_wake = now + self._shortest
                 for key, call in list(self._inflight.items()):
                     if call.deadline <= now:
                         del self._inflight[key]
                         call.expired = True
                         call.answered.acquire()
                         overdue.append(call)
+                    else:
+                        self._next_wake = min(self._next_wake, call.deadline)
+                self._wake.clear()
             for call in overdue:
                 try:
                     log.error("function %s (request %s) timed out after %.2f s; answered 502, its thread is "
@@ -188,6 +202,8 @@ class Invoker:
                     call.answered.release()
                 if self._on_stuck is not None:
                     self._on_stuck(call.function)
+            if not overdue:
+                self._wake.wait(min(WATCH_LONGEST, max(WATCH_SLACK, self._next_wake - time.monotonic())))
 
     def _invoke_inline(self, function: Function, event: dict[str, Any], request_id: str,
                        answer_early: Callable[[], None]) -> Outcome:
