@@ -9,7 +9,9 @@ of growing the queue, and Redis memory with it, without bound.
 
 One Lua call reads all of it. A web process reuses a reading for defaults.LIMITS_CACHE seconds
 while far below the caps, and reads afresh near them. `Retry-After` comes from the drain rate:
-the workers count every job they start, and the web compares two readings of that count.
+the workers count every job they start, and the web compares two readings of that count. Refused
+callers are spread out: each web process gives them successive places 1/drain-rate apart, so a
+burst of refusals is not told to come back all in the same second.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ class Limits:
         self._cache: dict[str, _Reading] = {}
         self._lock = threading.Lock()
         self._samples: list[tuple[float, int]] = []
+        self._next_slot = 0.0  # when the next refused caller may come back (monotonic; under self._lock)
 
     def _read(self, function: str) -> _Reading:
         depth, waiting, started, enqueued = self._script(
@@ -108,10 +111,17 @@ class Limits:
         return max(0.0, (n1 - n0) / (t1 - t0))
 
     def _retry_after(self, excess: float) -> int:
+        """When a refused call should come back: once the excess over the cap has drained, and after
+        the callers refused before it (this process's), one per 1/drain rate, so that retries come
+        back about as fast as the workers free places instead of all at once."""
         rate = self.drain_rate()
         if not rate:
             return 60
-        return max(1, min(3600, math.ceil(excess / rate)))
+        now = time.monotonic()
+        with self._lock:
+            slot = max(now + excess / rate, self._next_slot)
+            self._next_slot = slot + 1 / rate
+        return max(1, min(3600, math.ceil(slot - now)))
 
     def _near(self, reading: _Reading, cap: int | None) -> bool:
         return (reading.depth >= 0.9 * self.settings.max_queued

@@ -272,6 +272,34 @@ def test_retry_after_is_the_excess_over_the_measured_drain_rate(
     assert 0.5 * later - 1 <= took <= 2 * later + 2, (took, later)
 
 
+def test_refusals_in_a_burst_get_successive_places_not_the_same_second(
+        make_site: Callable[..., Path], make_client: Callable[..., FlaskClient],
+        start_worker: Callable[..., Process], redis_client: redis.Redis) -> None:
+    """Told to come back after the same delay, a burst of refused callers would come back together and
+    be refused together again: each refusal gets the next place, 1/drain rate after the one before."""
+    site = make_site(SITE)
+    cap = 10
+    filler, capped = make_client(site), make_client(site, max_queued=cap)
+    for _ in range(90):
+        job_id(post(filler, "slow-background"))  # 0.1 s each: one worker drains under 10 jobs/s
+    worker = start_worker(site)
+    wait_for(lambda: int(redis_client.get(STARTED_KEY) or 0) >= 2, timeout=30,
+             what=f"the worker to start draining: {worker.output()}")
+    began, started_then = time.monotonic(), int(redis_client.get(STARTED_KEY) or 0)
+    assert post(capped, "slow-background").headers["Retry-After"] == "60"  # no drain rate yet
+    wait_for(lambda: post(capped, "slow-background").headers["Retry-After"] != "60", timeout=10, interval=0.2,
+             what="a drain rate")
+
+    burst = [post(capped, "slow-background") for _ in range(40)]
+    rate = (int(redis_client.get(STARTED_KEY) or 0) - started_then) / (time.monotonic() - began)
+    assert 1 < rate < 15, rate
+    assert all(answer.status_code == 429 for answer in burst), "the queue drained before the test could measure"
+    delays = [int(answer.headers["Retry-After"]) for answer in burst]
+    assert delays == sorted(delays), delays  # a later refusal is never told to come back sooner
+    expected_spread = (len(burst) - 1) / rate  # one place per 1/rate
+    assert abs((delays[-1] - delays[0]) - expected_spread) <= 1.5 + 0.2 * expected_spread, (delays, rate)
+
+
 # --- the waiting counts stay right ------------------------------------------------------------------------------
 
 
