@@ -64,6 +64,10 @@ IDEMPOTENCY_WINDOW = 24 * 3600
 IDEMPOTENCY_WAIT = 2.0
 """How long a repeated request waits for the first one's job to be stored (seconds)."""
 
+SCHEDULED_LOOKUP = 1.0
+"""How long a status read looks for a job that says `scheduled` in RQ's scheduled registry, which a
+retried job joins a moment after its status is written (seconds)."""
+
 CALLBACK_RETRY_DELAYS = (10, 60, 300, 1800)
 """Delays before each new try of a failed completion-callback delivery (seconds)."""
 

@@ -32,6 +32,8 @@ from rq.registry import (
 )
 from rq.serializers import JSONSerializer
 
+from bgfn import defaults
+
 STATE_OF_STATUS = {
     JobStatus.QUEUED: "queued",
     JobStatus.DEFERRED: "queued",
@@ -113,15 +115,22 @@ def _ended_at(job: Job, meta: dict[str, Any]) -> datetime | float | None:
 
 
 def _scheduled_time(job: Job, queue: Queue) -> datetime | None:
-    """When a scheduled job goes back on the queue. RQ writes a retried job's status before it adds
-    the job to the scheduled registry (a few milliseconds apart), so a miss is looked up again."""
+    """When a scheduled job goes back on the queue; None once it is no longer scheduled.
+
+    The registry can miss a job whose status says scheduled: RQ writes a retried job's status at
+    once but adds it to the scheduled registry in the worker's pipeline, later (milliseconds, more
+    on a loaded machine), and the scheduler may have queued the job since its status was read. So
+    a miss is looked up again, for at most defaults.SCHEDULED_LOOKUP, while the status still says
+    scheduled."""
     registry = ScheduledJobRegistry(queue=queue)
-    for pause in (0.01, 0.05, 0.1, 0.0):
+    deadline = time.monotonic() + defaults.SCHEDULED_LOOKUP
+    while True:
         try:
             return registry.get_scheduled_time(job)
         except NoSuchJobError:
-            time.sleep(pause)
-    return None
+            if time.monotonic() > deadline or job.get_status(refresh=True) != JobStatus.SCHEDULED:
+                return None
+            time.sleep(0.01)
 
 
 def view(job: Job, queue: Queue | None = None) -> dict[str, Any]:
@@ -139,7 +148,15 @@ def view(job: Job, queue: Queue | None = None) -> dict[str, Any]:
         "max_attempts": int(meta.get("max_attempts", 1)),
     }
     if state == "scheduled" and queue is not None:
-        data["next_attempt_at"] = _iso(_scheduled_time(job, queue))
+        next_attempt = _scheduled_time(job, queue)
+        if next_attempt is None and state_of(job) != "scheduled":  # queued by the scheduler meanwhile
+            try:
+                job.refresh()
+            except NoSuchJobError:
+                pass  # deleted meanwhile: this view is its last
+            else:
+                return view(job, queue)
+        data["next_attempt_at"] = _iso(next_attempt)
     if state == "succeeded":
         data["result"] = job.return_value()
     if state in ("failed", "canceled", "scheduled"):

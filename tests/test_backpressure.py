@@ -218,22 +218,30 @@ def test_the_queue_cap_bounds_jobs_held_back_by_a_concurrency_limit(
 # --- Retry-After from the drain rate ----------------------------------------------------------------------------
 
 
+def _over_the_cap_and_draining(make_site: Callable[..., Path], make_client: Callable[..., FlaskClient],
+                               start_worker: Callable[..., Process], redis_client: redis.Redis,
+                               cap: int) -> tuple[FlaskClient, float, int]:
+    """90 slow jobs queued (0.1 s each: one worker drains under 10 a second) and a worker draining them;
+    returns a client whose BGFN_MAX_QUEUED is `cap`, when the draining was seen, and the jobs started then."""
+    site = make_site(SITE)
+    filler, capped = make_client(site), make_client(site, max_queued=cap)
+    for _ in range(90):
+        job_id(post(filler, "slow-background"))
+    worker = start_worker(site)
+    wait_for(lambda: int(redis_client.get(STARTED_KEY) or 0) >= 2, timeout=30,
+             what=f"the worker to start draining: {worker.output()}")
+    return capped, time.monotonic(), int(redis_client.get(STARTED_KEY) or 0)
+
+
 def test_retry_after_is_the_excess_over_the_measured_drain_rate(
         make_site: Callable[..., Path], make_client: Callable[..., FlaskClient],
         start_worker: Callable[..., Process], redis_client: redis.Redis) -> None:
     """bgfn.limits promises Retry-After = ceil(jobs over the cap / jobs started per second), 60 s while
     no rate is known: check it against the rate measured here, then that a call sent again after about
     that long is accepted."""
-    site = make_site(SITE)
     cap = 10
-    filler, capped = make_client(site), make_client(site, max_queued=cap)
-    for _ in range(90):
-        job_id(post(filler, "slow-background"))  # 0.1 s each: one worker drains under 10 jobs/s
-    worker = start_worker(site)
-    wait_for(lambda: int(redis_client.get(STARTED_KEY) or 0) >= 2, timeout=30,
-             what=f"the worker to start draining: {worker.output()}")
-
-    began, started_then = time.monotonic(), int(redis_client.get(STARTED_KEY) or 0)
+    capped, began, started_then = _over_the_cap_and_draining(make_site, make_client, start_worker, redis_client,
+                                                             cap)
     first = post(capped, "slow-background")
     assert first.status_code == 429 and json.loads(first.data)["errorType"] == "QueueFull"
     assert first.headers["Retry-After"] == "60"  # one reading: no drain rate yet
@@ -277,15 +285,8 @@ def test_refusals_in_a_burst_get_successive_places_not_the_same_second(
         start_worker: Callable[..., Process], redis_client: redis.Redis) -> None:
     """Told to come back after the same delay, a burst of refused callers would come back together and
     be refused together again: each refusal gets the next place, 1/drain rate after the one before."""
-    site = make_site(SITE)
-    cap = 10
-    filler, capped = make_client(site), make_client(site, max_queued=cap)
-    for _ in range(90):
-        job_id(post(filler, "slow-background"))  # 0.1 s each: one worker drains under 10 jobs/s
-    worker = start_worker(site)
-    wait_for(lambda: int(redis_client.get(STARTED_KEY) or 0) >= 2, timeout=30,
-             what=f"the worker to start draining: {worker.output()}")
-    began, started_then = time.monotonic(), int(redis_client.get(STARTED_KEY) or 0)
+    capped, began, started_then = _over_the_cap_and_draining(make_site, make_client, start_worker, redis_client,
+                                                             cap=10)
     assert post(capped, "slow-background").headers["Retry-After"] == "60"  # no drain rate yet
     wait_for(lambda: post(capped, "slow-background").headers["Retry-After"] != "60", timeout=10, interval=0.2,
              what="a drain rate")

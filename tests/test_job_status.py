@@ -5,17 +5,25 @@ run leaves, and `DELETE` on a queued and on a running job. Real Valkey, real `bg
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from flask.testing import FlaskClient
+from rq import Queue
+from rq.job import Job, JobStatus
+from rq.registry import ScheduledJobRegistry
+from rq.results import Result
+from rq.serializers import JSONSerializer
 
 from bgfn import defaults
+from bgfn.queue import make_queue
 from tests.conftest import run_worker_burst
 from tests.helpers import Process, http, wait_for
 
@@ -220,6 +228,52 @@ def test_running_job_shows_running_until_it_finishes(
     done = wait_state(client, job_id, "succeeded", worker=worker)
     assert done["result"] == "released"
     assert len(marked(marks, job_id, ".done")) == 1
+
+
+def _scheduled_but_not_yet_registered(redis_client: redis.Redis, client: FlaskClient) -> tuple[Job, Queue]:
+    """A job as RQ leaves it for a moment when a failed attempt's retry is scheduled: its failure
+    recorded and its status already scheduled, but not yet in the scheduled registry (RQ adds it
+    in a later pipeline)."""
+    job_id = accept(client, "ok-background")
+    queue = make_queue(redis_client, defaults.QUEUE)
+    job = Job.fetch(job_id, connection=redis_client, serializer=JSONSerializer)
+    queue.remove(job)
+    Result.create_failure(job, ttl=600, exc_string="Traceback ...\nRuntimeError: first attempt failed")
+    job.set_status(JobStatus.SCHEDULED)
+    return job, queue
+
+
+def test_a_retry_being_scheduled_shows_its_next_attempt_once_rq_has_registered_it(
+        site: Path, make_client: Callable[..., FlaskClient], redis_client: redis.Redis) -> None:
+    client = make_client(site)
+    job, queue = _scheduled_but_not_yet_registered(redis_client, client)
+    due = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=60)
+    # Registered 0.4 s later (a loaded worker's pipeline): the status read waits for it.
+    timer = threading.Timer(0.4, lambda: ScheduledJobRegistry(queue=queue).schedule(job, due))
+    timer.start()
+    try:
+        view = status(client, job.id)
+    finally:
+        timer.join()
+    assert view["state"] == "scheduled"
+    assert view["error"] == {"type": "RuntimeError", "message": "first attempt failed"}
+    assert view["next_attempt_at"] is not None, view
+    assert datetime.fromisoformat(view["next_attempt_at"].replace("Z", "+00:00")) == due
+
+
+def test_a_job_queued_by_the_scheduler_while_its_status_is_read_shows_as_queued(
+        site: Path, make_client: Callable[..., FlaskClient], redis_client: redis.Redis) -> None:
+    client = make_client(site)
+    job, queue = _scheduled_but_not_yet_registered(redis_client, client)
+    # The scheduler's move, 0.2 s into the read: out of the registry (it never was) and queued.
+    timer = threading.Timer(0.2, lambda: queue.enqueue_job(job))
+    timer.start()
+    try:
+        view = status(client, job.id)
+    finally:
+        timer.join()
+    assert view["state"] == "queued", view
+    assert "next_attempt_at" not in view
 
 
 def test_job_waiting_for_its_retry_is_scheduled_and_can_be_canceled(
