@@ -123,9 +123,10 @@ def test_refusals_depth_and_oldest_wait_show_in_bgfn_jobs_and_the_metrics(
     assert [post(client, "other-background").status_code for _ in range(2)] == [202, 202]
 
     # Wait until the oldest job has waited a measurable time, then check what is shown against the clock.
+    # `bgfn jobs` rounds to 0.1 s (0.96 s shows as 1.0): wait for 1.2 so the metric read next is over 1 s.
     def waited_a_second() -> tuple[int, float | None, dict[str, tuple[int, int]]] | None:
         shown = summary(redis_url)
-        return shown if shown[1] is not None and shown[1] >= 1.0 else None
+        return shown if shown[1] is not None and shown[1] >= 1.2 else None
 
     shown = wait_for(waited_a_second, timeout=10, interval=0.1, what="the oldest job to have waited 1 s")
     assert shown is not None
