@@ -123,6 +123,10 @@ LIMITS_CACHE = 0.1
 """How long a web process reuses a queue-depth reading while far below the caps (seconds); near a
 cap (over 90 % of it) every call reads afresh."""
 
+PACED_REFUSALS = 10_000
+"""Refused callers a web process remembers when spacing out their Retry-After (each is told to come
+back after those before it that have not yet); past this many the oldest are forgotten."""
+
 DRAIN_WINDOW = 10.0
 """Window over which the web estimates the drain rate for Retry-After (seconds)."""
 

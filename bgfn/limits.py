@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -79,7 +80,8 @@ class Limits:
         self._cache: dict[str, _Reading] = {}
         self._lock = threading.Lock()
         self._samples: list[tuple[float, int]] = []
-        self._next_slot = 0.0  # when the next refused caller may come back (monotonic; under self._lock)
+        # When the refused callers still expected back were told to come (monotonic; under self._lock).
+        self._promised: deque[float] = deque(maxlen=defaults.PACED_REFUSALS)
 
     def _read(self, function: str) -> _Reading:
         depth, waiting, started, enqueued = self._script(
@@ -112,16 +114,19 @@ class Limits:
 
     def _retry_after(self, excess: float) -> int:
         """When a refused call should come back: once the excess over the cap has drained, and after
-        the callers refused before it (this process's), one per 1/drain rate, so that retries come
-        back about as fast as the workers free places instead of all at once."""
+        the callers this process refused before it that have not come back yet, one per 1/drain
+        rate, so that retries return about as fast as the workers free places instead of all at
+        once. Worked out afresh from the current excess and rate on every refusal."""
         rate = self.drain_rate()
         if not rate:
             return 60
         now = time.monotonic()
         with self._lock:
-            slot = max(now + excess / rate, self._next_slot)
-            self._next_slot = slot + 1 / rate
-        return max(1, min(3600, math.ceil(slot - now)))
+            while self._promised and self._promised[0] <= now:
+                self._promised.popleft()
+            delay = (excess + len(self._promised)) / rate
+            self._promised.append(now + delay)
+        return max(1, min(3600, math.ceil(delay)))
 
     def _near(self, reading: _Reading, cap: int | None) -> bool:
         return (reading.depth >= 0.9 * self.settings.max_queued
