@@ -10,8 +10,9 @@ of growing the queue, and Redis memory with it, without bound.
 One Lua call reads all of it. A web process reuses a reading for defaults.LIMITS_CACHE seconds
 while far below the caps, and reads afresh near them. `Retry-After` comes from the drain rate:
 the workers count every job they start, and the web compares two readings of that count. Refused
-callers are spread out: each web process gives them successive places 1/drain-rate apart, so a
-burst of refusals is not told to come back all in the same second.
+callers are spread out: each web process counts the callers it refused that are still expected
+back and puts a new one after them, 1/drain rate each, so a burst of refusals is not told to come
+back all in the same second.
 """
 
 from __future__ import annotations

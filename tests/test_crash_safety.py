@@ -77,10 +77,13 @@ SITE = {
             time.sleep(2)
             done(context)
     """,
-    # Keeps the worker busy (mid-job) most of the time under load.
+    # Keeps the worker busy (mid-job) most of the time under load. A job its worker held when Redis went
+    # away is a lost job: retried as a failed attempt after its retry delay (1 s here, not Netlify's 60 s,
+    # so the test's wait covers it).
     "functions/load-background.py": """
         import time
         from _shared.mark import mark, done
+        config = {"retry_delays": [1, 1]}
         def handler(event, context):
             mark(context)
             time.sleep(0.1)
