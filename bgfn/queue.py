@@ -115,7 +115,8 @@ def enqueue_invocation(queue: Queue, function: Function, event: dict[str, Any], 
 
 
 def enqueue_callback(job: Job, retry_delays: tuple[int, ...]) -> Job | None:
-    """Queue the delivery of `job`'s completion callback, if it asked for one."""
+    """Queue the delivery of `job`'s completion callback, if it asked for one. The delivery's record
+    is kept as long as the invocation's (which the web stored with BGFN_RESULT_TTL / BGFN_FAILURE_TTL)."""
     url = (job.meta or {}).get("callback_url")
     if not url:
         return None
@@ -124,6 +125,7 @@ def enqueue_callback(job: Job, retry_delays: tuple[int, ...]) -> Job | None:
     deliveries = make_queue(job.connection, job.origin)
     return deliveries.enqueue_call(
         DELIVERY_FUNCTION, args=(job.id, url), timeout=60, retry=retry_policy(list(retry_delays)),
-        result_ttl=defaults.RESULT_TTL, failure_ttl=defaults.FAILURE_TTL,
+        result_ttl=job.result_ttl if job.result_ttl is not None else defaults.RESULT_TTL,
+        failure_ttl=job.failure_ttl if job.failure_ttl is not None else defaults.FAILURE_TTL,
         description=f"callback for job {job.id}", meta={"callback_for": job.id},
     )

@@ -180,6 +180,28 @@ def test_success_is_posted_signed_and_retried_until_2xx(
     assert len(receiver.to("/hook")) == 2
 
 
+def test_a_delivery_is_kept_as_long_as_the_configured_ttls_keep_its_invocation(
+        site: Path, make_client: Callable[..., FlaskClient], start_worker: Callable[..., Process],
+        receiver: Receiver, redis_client: redis.Redis) -> None:
+    # BGFN_RESULT_TTL bounds every finished record, the callback deliveries' too (not bgfn's 7-day default).
+    client = client_for(make_client, site, result_ttl=120, failure_ttl=300)
+    job_id = accept(client, "ok-background", receiver.url("/hook"))
+    start_worker(site, **CALLBACKS)
+    wait_for(lambda: receiver.to("/hook"), timeout=30, what="the callback")
+    queue = callback_queue(redis_client)
+
+    def delivered() -> list[Job]:
+        finished = Job.fetch_many(FinishedJobRegistry(queue=queue).get_job_ids(), connection=redis_client,
+                                  serializer=JSONSerializer)
+        return [j for j in finished if j is not None and j.func_name == DELIVERY_FUNCTION]
+
+    [delivery] = wait_for(delivered, timeout=15, what="the delivery job to finish")
+    assert delivery.meta["callback_for"] == job_id
+    assert (delivery.result_ttl, delivery.failure_ttl) == (120, 300)
+    assert 100 < redis_client.ttl(f"rq:job:{delivery.id}") <= 120
+    assert 100 < redis_client.ttl(f"rq:job:{job_id}") <= 120
+
+
 def test_failure_is_posted_once_after_the_last_attempt(
         site: Path, make_client: Callable[..., FlaskClient], start_worker: Callable[..., Process],
         receiver: Receiver, redis_client: redis.Redis, marks: Path) -> None:
