@@ -136,7 +136,9 @@ def wait_status(redis_client: redis.Redis, job_id: str, status: JobStatus, timeo
         if worker is not None and not worker.alive():
             raise AssertionError(f"the worker exited: {worker.output()}")
         job = fetch(redis_client, job_id)
-        return job if job.get_status() == status else None
+        # The status of this same read (get_status() would read it again, newer than the other fields:
+        # a job seen `failed` could then still lack the ended_at written with that status).
+        return job if job.get_status(refresh=False) == status else None
 
     return wait_for(reached, timeout=timeout, what=f"job {job_id} to be {status}")
 
