@@ -19,7 +19,8 @@ import redis
 from flask import Flask, request
 from rq import Queue
 from werkzeug.routing import Rule
-from werkzeug.wrappers import Response
+from werkzeug.wrappers import Request, Response
+from werkzeug.wsgi import get_host
 
 from bgfn import admin, defaults, idempotency, stats
 from bgfn.admin import status_url
@@ -46,6 +47,8 @@ REFUSAL_REASONS = {400: "bad_request", 409: "idempotency_conflict", 413: "too_la
                    503: "redis_unavailable"}
 REPEAT_HEADER = "X-Bgfn-Idempotent-Replay"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+IDEMPOTENCY_ENVIRON = "HTTP_IDEMPOTENCY_KEY"
+CALLBACK_ENVIRON = "HTTP_" + CALLBACK_HEADER.upper().replace("-", "_")
 
 # Set per request by the gunicorn hook (bgfn.server): the raw header list and the worker.
 request_local = threading.local()
@@ -85,9 +88,10 @@ def create_app(settings: Settings, registry: Registry, connection: redis.Redis |
     app.extensions["bgfn"] = state
 
     # Rules with methods=None match every method, OPTIONS and unusual ones included.
+    # Calls under /.netlify/functions/ are answered by FunctionCalls before Flask; this rule only
+    # sees the bare folder (`/.netlify/functions`), a function-not-found like an empty name.
     app.url_map.add(Rule("/.netlify/functions/", endpoint="function"))
-    app.url_map.add(Rule("/.netlify/functions/<path:rest>", endpoint="function"))
-    app.view_functions["function"] = lambda rest="": _function_view(state)
+    app.view_functions["function"] = lambda: _dispatch(state, "", request.environ)
     app.url_map.add(Rule("/", endpoint="rewrite"))
     app.url_map.add(Rule("/<path:rest>", endpoint="rewrite"))
     app.view_functions["rewrite"] = lambda rest="": _rewrite_view(state)
@@ -105,7 +109,34 @@ def create_app(settings: Settings, registry: Registry, connection: redis.Redis |
     def _not_allowed(_: Exception) -> Response:
         return error_response(405, "MethodNotAllowed", f"{request.method} is not allowed on {request.path!r}.")
 
+    app.wsgi_app = FunctionCalls(state, app.wsgi_app)  # type: ignore[method-assign]
     return app
+
+
+class FunctionCalls:
+    """WSGI middleware in front of Flask (installed as `app.wsgi_app`): a request under
+    /.netlify/functions/ is answered here; every other one goes on to Flask.
+
+    Flask's per-request machinery (request context, URL adapter and matching, signals, teardown)
+    cost more per call than bare Flask's whole request (bench/README.md), and a function call needs
+    none of it: its route is one prefix, and bgfn answers every error itself with a JSON body."""
+
+    def __init__(self, state: BgfnState, flask_app: Callable[..., Any]) -> None:
+        self.state = state
+        self.flask_app = flask_app
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        if not environ.get("PATH_INFO", "").startswith(FUNCTIONS_PREFIX):
+            return self.flask_app(environ, start_response)
+        path = _raw_path(environ)
+        name = path[len(FUNCTIONS_PREFIX):].split("/", 1)[0] if path.startswith(FUNCTIONS_PREFIX) else ""
+        try:
+            response = _dispatch(self.state, name, environ, path)
+        except Exception:
+            log.exception("bgfn failed to answer %s %s", environ.get("REQUEST_METHOD"), path)
+            response = error_response(500, "InternalServerError", f"bgfn failed to answer {path!r}; the server log "
+                                      "has the trace. This is a bug in bgfn: please report it.")
+        return response(environ, start_response)
 
 
 def _raw_path(environ: dict[str, Any]) -> str:
@@ -151,12 +182,6 @@ def _trusted(address: str, settings: Settings) -> bool:
     return any(ip in network for network in settings.trusted_proxies)
 
 
-def _function_view(state: BgfnState) -> Response:
-    path = _raw_path(request.environ)
-    name = path[len(FUNCTIONS_PREFIX):].split("/", 1)[0] if path.startswith(FUNCTIONS_PREFIX) else ""
-    return _dispatch(state, name, path)
-
-
 def _rewrite_view(state: BgfnState) -> Response:
     """Any other path: a `[[redirects]]` rewrite to a function, or 404."""
     path = _raw_path(request.environ)
@@ -165,10 +190,10 @@ def _rewrite_view(state: BgfnState) -> Response:
         return error_response(404, "NotFound", f"Nothing is served at {request.path!r}. Functions live under "
                               f"{FUNCTIONS_PREFIX}NAME; bgfn's own endpoints under {BGFN_PREFIX}.")
     name = target[len(FUNCTIONS_PREFIX):].split("/", 1)[0]
-    return _dispatch(state, name, path)  # the function sees the original path and query
+    return _dispatch(state, name, request.environ, path)  # the function sees the original path and query
 
 
-def _dispatch(state: BgfnState, name: str, path: str) -> Response:
+def _dispatch(state: BgfnState, name: str, environ: dict[str, Any], path: str = "") -> Response:
     if name and "%" not in name and not NAME_RULE.match(name):
         return text_response(400, BAD_NAME_TEXT)
     function = state.registry.functions.get(name)
@@ -176,7 +201,7 @@ def _dispatch(state: BgfnState, name: str, path: str) -> Response:
         return text_response(404, NOT_FOUND_TEXT)  # scheduled functions answer HTTP only in development
     request_id = new_request_id()
     started = time.perf_counter()
-    response = _invoke(state, function, path, request_id)
+    response = _invoke(state, function, environ, path or _raw_path(environ), request_id)
     _observe(state, function, request_id, response, time.perf_counter() - started)
     return response
 
@@ -194,13 +219,13 @@ def _observe(state: BgfnState, function: Function, request_id: str, response: Re
                                     "duration_ms": round(seconds * 1000, 3)})
 
 
-def _invoke(state: BgfnState, function: Function, path: str, request_id: str) -> Response:
-    req = request._get_current_object()  # type: ignore[attr-defined]  # one context lookup, not one per use
-    environ = req.environ
+def _invoke(state: BgfnState, function: Function, environ: dict[str, Any], path: str,
+            request_id: str) -> Response:
     limit = defaults.BACKGROUND_BODY_LIMIT if function.background else defaults.SYNC_BODY_LIMIT
     if environ.get("CONTENT_LENGTH", "") in ("", "0") and "HTTP_TRANSFER_ENCODING" not in environ:
         body = b""  # nothing to read (most GETs): werkzeug's stream wrapper would find the same
     else:
+        req = Request(environ)  # werkzeug's: a bounded stream, chunked bodies included
         length = req.content_length
         if length is not None and length > limit:
             return _too_large(function, length, limit)
@@ -208,11 +233,12 @@ def _invoke(state: BgfnState, function: Function, path: str, request_id: str) ->
         if len(body) > limit:
             return _too_large(function, None, limit)
 
-    event = build_event(method=req.method, path=path, query=environ.get("QUERY_STRING", ""),
-                        headers=_raw_headers(environ), body=body, scheme=req.scheme,
-                        host=req.host, client_ip=_client_ip(environ, state.settings))
+    scheme = environ.get("wsgi.url_scheme", "http")
+    event = build_event(method=environ.get("REQUEST_METHOD", "GET").upper(), path=path,
+                        query=environ.get("QUERY_STRING", ""), headers=_raw_headers(environ), body=body,
+                        scheme=scheme, host=get_host(environ), client_ip=_client_ip(environ, state.settings))
     if function.background:
-        return _accept_background(state, function, event, request_id)
+        return _accept_background(state, function, event, request_id, environ)
     return _run_sync(state, function, event, request_id, environ.get("gunicorn.socket"))
 
 
@@ -293,15 +319,15 @@ def _accepted(job_id: str, *, repeat: bool = False) -> Response:
 
 
 def _accept_background(state: BgfnState, function: Function, event: dict[str, Any],
-                       request_id: str) -> Response:
+                       request_id: str, environ: dict[str, Any]) -> Response:
     settings = state.settings
-    callback_url = request.headers.get(CALLBACK_HEADER)
+    callback_url = environ.get(CALLBACK_ENVIRON)
     if callback_url is not None:
         try:
             check_url(callback_url.strip(), settings.callback_hosts, settings.callback_secret)
         except CallbackRejected as exc:
             return error_response(400, "CallbackRejected", f"{exc} Nothing was queued.")
-    key = request.headers.get(IDEMPOTENCY_HEADER)
+    key = environ.get(IDEMPOTENCY_ENVIRON)
     if state.queue is None:
         return _unavailable(function, "this server has no Redis connection (set REDIS_URL)")
     try:
