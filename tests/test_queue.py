@@ -1,0 +1,102 @@
+"""bgfn stores a background invocation without RQ's Job object (bgfn.queue.job_fields): the hash
+must be the one RQ's own `enqueue_call` stores, so RQ workers, registries and tools read it as
+theirs. Compared field by field against RQ, with real Valkey, for each kind of function."""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from rq import Queue, Retry
+from rq.job import Job, JobStatus
+
+from bgfn.queue import JOB_FUNCTION, WAITING_KEY, enqueue_invocation, make_queue, retry_policy
+from tests.conftest import load
+
+SITE = {
+    "functions/plain-background.py": "def handler(event, context):\n    return None\n",
+    "functions/tuned-background.py": (
+        'config = {"timeout": 12.6}\n'
+        "def handler(event, context):\n    return None\n"
+    ),
+    "functions/once-background.py": "def handler(event, context):\n    return None\n",
+}
+BGFN_TOML = """
+[functions."tuned-background"]
+max_attempts = 4
+retry_backoff = {base = 2, max = 30}
+[functions."once-background"]
+max_attempts = 1
+"""
+TIMESTAMPS = ("created_at", "enqueued_at")
+
+
+def _rq_fields(queue: Queue, name: str, event: dict[str, Any], job_id: str, accepted_at: float,
+               delays: list[int], timeout: int, callback_url: str | None) -> dict[bytes, bytes]:
+    """What RQ's own enqueue_call stores for the same invocation."""
+    meta: dict[str, Any] = {"function": name, "accepted_at": accepted_at, "max_attempts": len(delays) + 1}
+    if callback_url is not None:
+        meta["callback_url"] = callback_url
+    retry: Retry | None = retry_policy(delays)
+    queue.enqueue_call(JOB_FUNCTION, args=(name, event, {"request_id": job_id, "accepted_at": accepted_at}),
+                       timeout=timeout, result_ttl=120, failure_ttl=300, description=name, job_id=job_id,
+                       retry=retry, meta=meta)
+    return queue.connection.hgetall(f"rq:job:{job_id}")  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("name", ["plain-background", "tuned-background", "once-background"])
+@pytest.mark.parametrize("callback_url", [None, "https://hooks.example.com/done"])
+def test_the_stored_job_is_the_one_rq_enqueue_call_stores(
+        name: str, callback_url: str | None, make_site: Callable[..., Path], redis_client: redis.Redis) -> None:
+    site = make_site({**SITE, "bgfn.toml": BGFN_TOML})
+    _, registry = load(site)
+    function = registry.functions[name]
+    queue = make_queue(redis_client, "parity")
+    event = {"path": "/.netlify/functions/" + name, "body": "héllo", "headers": {"a": "1"}, "isBase64Encoded": False}
+
+    job_id = enqueue_invocation(queue, function, event, "11111111-2222-4333-8444-555555555555",
+                                callback_url=callback_url, result_ttl=120, failure_ttl=300)
+    ours = redis_client.hgetall(f"rq:job:{job_id}")
+    meta = json.loads(ours[b"meta"])
+    delays = json.loads(ours.get(b"retry_intervals", b"[]"))
+    redis_client.delete(f"rq:job:{job_id}")
+    theirs = _rq_fields(queue, name, event, job_id, meta["accepted_at"], delays, int(ours[b"timeout"]),
+                        callback_url)
+
+    assert sorted(ours) == sorted(theirs)
+    for key in ours:
+        if key == b"data":
+            assert zlib.decompress(ours[key]) == zlib.decompress(theirs[key])
+        elif key.decode() not in TIMESTAMPS:
+            assert ours[key] == theirs[key], key
+    for key in TIMESTAMPS:  # the same format: RQ parses ours
+        Job.fetch(job_id, connection=redis_client)  # would raise on a malformed timestamp
+        assert len(ours[key.encode()]) == len(theirs[key.encode()])
+    # Both queued once (RQ's enqueue pushed the same id again), the queue registered, the count kept.
+    assert redis_client.lrange(queue.key, 0, -1) == [job_id.encode(), job_id.encode()]
+    assert redis_client.sismember("rq:queues", queue.key)
+    assert redis_client.hget(WAITING_KEY, name) == b"1"
+
+
+def test_rq_reads_the_stored_job_back(make_site: Callable[..., Path], redis_client: redis.Redis) -> None:
+    site = make_site({**SITE, "bgfn.toml": BGFN_TOML})
+    _, registry = load(site)
+    queue = make_queue(redis_client, "parity")
+    event = {"path": "/x", "body": None}
+    job_id = enqueue_invocation(queue, registry.functions["tuned-background"], event,
+                                "aaaaaaaa-2222-4333-8444-555555555555", result_ttl=120, failure_ttl=300)
+    job = Job.fetch(job_id, connection=redis_client, serializer=queue.serializer)
+    assert job.func_name == JOB_FUNCTION
+    assert job.args[0] == "tuned-background" and job.args[1] == event
+    assert job.args[2]["request_id"] == job_id
+    assert job.get_status() == JobStatus.QUEUED
+    assert job.origin == "parity" and job.description == "tuned-background"
+    assert job.timeout == 13 and job.result_ttl == 120 and job.failure_ttl == 300
+    assert job.retries_left == 3 and job.retry_intervals is not None and len(job.retry_intervals) == 3
+    assert abs(job.enqueued_at.timestamp() - job.meta["accepted_at"]) < 0.001  # type: ignore[union-attr]
+    assert queue.job_ids == [job_id]
