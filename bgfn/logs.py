@@ -44,6 +44,12 @@ def setup(level: str, fmt: str = "text") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    # Neither format shows where a line was logged from or by which thread, so records do not collect
+    # it (the logging HOWTO's "Optimization"): the caller lookup walks the stack on every line, the web
+    # tier writes one per invocation. (The process id stays: gunicorn's own lines show it.)
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logMultiprocessing = False
     for name in ("rq", "rq.worker", "rq.scheduler", "rq.queue", "rq.job"):
         # RQ installs its own handlers when a worker starts; route its lines through ours instead.
         logger = logging.getLogger(name)
