@@ -12,12 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeAlias
 from urllib.parse import quote, urlsplit
 
 import redis
 from flask import Flask, request
-from rq import Queue
 from werkzeug.routing import Rule
 from werkzeug.wrappers import Request, Response
 from werkzeug.wsgi import get_host
@@ -30,10 +29,10 @@ from bgfn.errors import QueueUnavailable
 from bgfn.event import build_event
 from bgfn.invoke import Invoker, timeout_message
 from bgfn.limits import Limits, Refusal
-from bgfn.queue import REDIS_ERRORS, enqueue_invocation, make_queue, new_request_id
+from bgfn.queue import REDIS_ERRORS, BgfnQueue, enqueue_invocation, make_queue, new_request_id
 from bgfn.redirects import Rewrite
 from bgfn.redirects import match as match_rewrite
-from bgfn.response import InvalidResponse, RawResponse, error_response, map_response, text_response
+from bgfn.response import BareAnswer, InvalidResponse, error_response, map_response, text_response
 from bgfn.settings import Settings
 
 log = logging.getLogger("bgfn.app")
@@ -50,6 +49,9 @@ IDEMPOTENCY_HEADER = "Idempotency-Key"
 IDEMPOTENCY_ENVIRON = "HTTP_IDEMPOTENCY_KEY"
 CALLBACK_ENVIRON = "HTTP_" + CALLBACK_HEADER.upper().replace("-", "_")
 
+Answer: TypeAlias = Response | BareAnswer
+"""What a function call is answered with: werkzeug's Response, or the cheaper bodiless answer of a 202."""
+
 # Set per request by the gunicorn hook (bgfn.server): the raw header list and the worker.
 request_local = threading.local()
 
@@ -62,7 +64,7 @@ class BgfnState:
     registry: Registry
     invoker: Invoker
     redis: redis.Redis | None
-    queue: Queue | None
+    queue: BgfnQueue | None
     metrics: ModuleType
     limits: Limits | None = None
     rewrites: list[Rewrite] = field(default_factory=list)
@@ -182,7 +184,7 @@ def _trusted(address: str, settings: Settings) -> bool:
     return any(ip in network for network in settings.trusted_proxies)
 
 
-def _rewrite_view(state: BgfnState) -> Response:
+def _rewrite_view(state: BgfnState) -> Answer:
     """Any other path: a `[[redirects]]` rewrite to a function, or 404."""
     path = _raw_path(request.environ)
     target = match_rewrite(state.rewrites, path)
@@ -193,7 +195,7 @@ def _rewrite_view(state: BgfnState) -> Response:
     return _dispatch(state, name, request.environ, path)  # the function sees the original path and query
 
 
-def _dispatch(state: BgfnState, name: str, environ: dict[str, Any], path: str = "") -> Response:
+def _dispatch(state: BgfnState, name: str, environ: dict[str, Any], path: str = "") -> Answer:
     if name and "%" not in name and not NAME_RULE.match(name):
         return text_response(400, BAD_NAME_TEXT)
     function = state.registry.functions.get(name)
@@ -206,7 +208,7 @@ def _dispatch(state: BgfnState, name: str, environ: dict[str, Any], path: str = 
     return response
 
 
-def _observe(state: BgfnState, function: Function, request_id: str, response: Response, seconds: float) -> None:
+def _observe(state: BgfnState, function: Function, request_id: str, response: Answer, seconds: float) -> None:
     """Count the invocation and write its one log line (the request id is the job id of a 202)."""
     status = response.status_code
     reason = None
@@ -220,7 +222,7 @@ def _observe(state: BgfnState, function: Function, request_id: str, response: Re
 
 
 def _invoke(state: BgfnState, function: Function, environ: dict[str, Any], path: str,
-            request_id: str) -> Response:
+            request_id: str) -> Answer:
     limit = defaults.BACKGROUND_BODY_LIMIT if function.background else defaults.SYNC_BODY_LIMIT
     if environ.get("CONTENT_LENGTH", "") in ("", "0") and "HTTP_TRANSFER_ENCODING" not in environ:
         body = b""  # nothing to read (most GETs): werkzeug's stream wrapper would find the same
@@ -307,19 +309,15 @@ def _unavailable(function: Function, reason: object) -> Response:
         headers={"Retry-After": str(defaults.RETRY_AFTER)})
 
 
-def _accepted(job_id: str, *, repeat: bool = False) -> Response:
-    response = RawResponse(b"", status=202)
-    response.headers.clear()
-    response.headers["Content-Length"] = "0"
-    response.headers[JOB_ID_HEADER] = job_id
-    response.headers["Location"] = status_url(job_id)
+def _accepted(job_id: str, *, repeat: bool = False) -> BareAnswer:
+    headers = [(JOB_ID_HEADER, job_id), ("Location", status_url(job_id))]
     if repeat:
-        response.headers[REPEAT_HEADER] = "true"
-    return response
+        headers.append((REPEAT_HEADER, "true"))
+    return BareAnswer(202, headers)
 
 
 def _accept_background(state: BgfnState, function: Function, event: dict[str, Any],
-                       request_id: str, environ: dict[str, Any]) -> Response:
+                       request_id: str, environ: dict[str, Any]) -> Answer:
     settings = state.settings
     callback_url = environ.get(CALLBACK_ENVIRON)
     if callback_url is not None:

@@ -6,9 +6,10 @@ import base64
 import binascii
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
+from werkzeug.http import HTTP_STATUS_CODES
 from werkzeug.wrappers import Response
 
 # Headers the server owns: a function's values would corrupt the framing of the answer.
@@ -28,6 +29,23 @@ class RawResponse(Response):
     """A response that adds no content type of its own."""
 
     default_mimetype = None
+
+
+class BareAnswer:
+    """A bodiless answer with fixed ASCII headers, as a WSGI app (what a 202 is): ~1 µs to build and
+    send, where werkzeug's Response takes ~27 µs for fix-ups such an answer needs none of (making
+    `Location` IRI-safe, working the length out). Flask takes it as a view's return value too."""
+
+    __slots__ = ("status_code", "headers")
+
+    def __init__(self, status_code: int, headers: list[tuple[str, str]]) -> None:
+        self.status_code = status_code
+        self.headers = headers
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        start_response(f"{self.status_code} {HTTP_STATUS_CODES[self.status_code].upper()}",
+                       [("Content-Length", "0"), *self.headers])
+        return [b""]
 
 
 def error_response(status: int, error_type: str, message: str, *, trace: list[str] | None = None,

@@ -20,11 +20,10 @@ from datetime import UTC, datetime
 
 import redis
 from croniter import croniter
-from rq import Queue
 
 from bgfn import defaults
 from bgfn.discovery import Function, Registry
-from bgfn.queue import REDIS_ERRORS, enqueue_invocation, new_request_id
+from bgfn.queue import REDIS_ERRORS, BgfnQueue, enqueue_invocation, new_request_id
 
 log = logging.getLogger("bgfn.scheduler")
 
@@ -55,7 +54,7 @@ def tick_event(function: Function, next_run: float) -> dict[str, object]:
 class Scheduler:
     """Enqueues each due tick of the registry's scheduled functions once across all schedulers."""
 
-    def __init__(self, registry: Registry, queue: Queue, clock: Callable[[], float] = time.time, *,
+    def __init__(self, registry: Registry, queue: BgfnQueue, clock: Callable[[], float] = time.time, *,
                  result_ttl: int = defaults.RESULT_TTL, failure_ttl: int = defaults.FAILURE_TTL) -> None:
         self.queue = queue
         self.clock = clock

@@ -81,15 +81,18 @@ def marks(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def make_client(redis_url: str) -> Callable[..., FlaskClient]:
-    """The app for a site, in-process, on the test Redis."""
+def make_client(redis_url: str) -> Iterator[Callable[..., FlaskClient]]:
+    """The app for a site, in-process, on the test Redis (its connection closed after the test)."""
+    connections: list[redis.Redis] = []
 
     def make(site: Path, **settings: Any) -> FlaskClient:
         resolved, registry = load(site, redis_url=redis_url, **settings)
-        connection = redis.Redis.from_url(redis_url, socket_timeout=5)
-        return create_app(resolved, registry, connection).test_client()
+        connections.append(redis.Redis.from_url(redis_url, socket_timeout=5))
+        return create_app(resolved, registry, connections[-1]).test_client()
 
-    return make
+    yield make
+    for connection in connections:
+        connection.close()
 
 
 @pytest.fixture

@@ -132,16 +132,14 @@ def test_job_is_in_redis_as_json_when_answered(client: FlaskClient, redis_client
 
 
 def test_per_function_timeout_and_configured_retries_reach_the_job(
-        site: Path, redis_url: str, redis_client: redis.Redis) -> None:
-    settings, registry = load(site, redis_url=redis_url, retry_delays=(1, 2), background_timeout=20)
-    client = create_app(settings, registry, redis.Redis.from_url(redis_url, socket_timeout=5)).test_client()
+        site: Path, make_client: Callable[..., FlaskClient], redis_client: redis.Redis) -> None:
+    client = make_client(site, retry_delays=(1, 2), background_timeout=20)
     flagged = fetch(redis_client, client.post("/.netlify/functions/flagged").headers["X-Bgfn-Job-Id"])
     assert flagged.timeout == 5
     assert flagged.retry_intervals == [1, 2]
     echo = fetch(redis_client, client.post("/.netlify/functions/echo-background").headers["X-Bgfn-Job-Id"])
     assert echo.timeout == 20
-    no_retries, registry = load(site, redis_url=redis_url, retry_delays=())
-    client = create_app(no_retries, registry, redis.Redis.from_url(redis_url, socket_timeout=5)).test_client()
+    client = make_client(site, retry_delays=())
     job = fetch(redis_client, client.post("/.netlify/functions/flagged").headers["X-Bgfn-Job-Id"])
     assert not job.retries_left
 
