@@ -15,7 +15,7 @@ import redis
 from rq import Queue, Retry
 from rq.job import Job, JobStatus
 
-from bgfn.queue import JOB_FUNCTION, WAITING_KEY, enqueue_invocation, make_queue, retry_policy
+from bgfn.queue import JOB_FUNCTION, WAITING_KEY, compress, enqueue_invocation, make_queue, retry_policy
 from tests.conftest import load
 
 SITE = {
@@ -100,3 +100,12 @@ def test_rq_reads_the_stored_job_back(make_site: Callable[..., Path], redis_clie
     assert job.retries_left == 3 and job.retry_intervals is not None and len(job.retry_intervals) == 3
     assert abs(job.enqueued_at.timestamp() - job.meta["accepted_at"]) < 0.001  # type: ignore[union-attr]
     assert queue.job_ids == [job_id]
+
+
+@pytest.mark.parametrize("size", [1, 300, 511, 512, 5_000, 40_000, 300_000])
+def test_job_data_compression_reads_back_and_is_as_small_as_zlibs_default(size: int) -> None:
+    text = json.dumps([{"n": i, "word": "abcdefghij"[i % 10] * (i % 7)} for i in range(size // 10)])
+    data = text.encode()[:size].ljust(size, b" ")
+    packed = compress(data)
+    assert zlib.decompress(packed) == data  # what RQ's Job.restore does
+    assert len(packed) <= len(zlib.compress(data)) * 1.01 + 8
