@@ -120,7 +120,7 @@ class FunctionCalls:
     /.netlify/functions/ is answered here; every other one goes on to Flask.
 
     Flask's per-request machinery (request context, URL adapter and matching, signals, teardown)
-    cost more per call than bare Flask's whole request (bench/README.md), and a function call needs
+    cost more per call than bare Flask's whole request (README, "Benchmarks"), and a function call needs
     none of it: its route is one prefix, and bgfn answers every error itself with a JSON body."""
 
     def __init__(self, state: BgfnState, flask_app: Callable[..., Any]) -> None:
