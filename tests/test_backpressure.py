@@ -297,7 +297,10 @@ def test_refusals_in_a_burst_get_successive_places_not_the_same_second(
     assert 1 < rate < 15, rate
     assert all(answer.status_code == 429 for answer in burst), "the queue drained before the test could measure"
     delays = [int(answer.headers["Retry-After"]) for answer in burst]
-    assert delays == sorted(delays), delays  # a later refusal is never told to come back sooner
+    # A later refusal is not told to come back sooner, give or take the rounding to whole seconds: the
+    # excess over the cap shrinks while the worker drains (the web reads it afresh near the cap), and the
+    # rate estimate is refreshed, so the worked-out delay can round to a second less (seen on a slow run).
+    assert all(later >= earlier - 1 for earlier, later in zip(delays, delays[1:], strict=False)), delays
     expected_spread = (len(burst) - 1) / rate  # one place per 1/rate
     assert abs((delays[-1] - delays[0]) - expected_spread) <= 1.5 + 0.2 * expected_spread, (delays, rate)
 
