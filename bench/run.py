@@ -95,11 +95,11 @@ def child_env(redis_url: str, **extra: str) -> dict[str, str]:
 class Proc:
     """A child process in its own process group, its output in a log file."""
 
-    def __init__(self, name: str, args: list[str], env: dict[str, str], logs: Path) -> None:
+    def __init__(self, name: str, args: list[str], env: dict[str, str], logs: Path, cwd: Path = ROOT) -> None:
         self.name = name
         self.log_path = logs / f"{name}.log"
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.popen = subprocess.Popen(args, env=env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+        self.popen = subprocess.Popen(args, env=env, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT,
                                       stdin=subprocess.DEVNULL, start_new_session=True)
 
     @property
@@ -138,9 +138,9 @@ class Stack:
         self.procs: list[Proc] = []
         self._counter = 0
 
-    def start(self, name: str, args: list[str], env: dict[str, str]) -> Proc:
+    def start(self, name: str, args: list[str], env: dict[str, str], cwd: Path = ROOT) -> Proc:
         self._counter += 1
-        proc = Proc(f"{self._counter:02d}-{name}", args, env, self.logs)
+        proc = Proc(f"{self._counter:02d}-{name}", args, env, self.logs, cwd)
         self.procs.append(proc)
         return proc
 
@@ -376,13 +376,16 @@ class Suite:
 
     def start_netlify(self) -> tuple[Proc, int]:
         """`netlify functions:serve --offline` on bench/netlify-site's functions (it binds every interface
-        and has no option to bind loopback only; it runs for the sync figures only)."""
+        and has no option to bind loopback only; it runs for the sync figures only). It runs in the
+        suite's temporary folder, where it writes its build (`.netlify/`)."""
         port = free_port()
+        cwd = self.workdir / "netlify"
+        cwd.mkdir(exist_ok=True)
         env = {**os.environ, "NETLIFY_TELEMETRY_DISABLED": "1",
                "PATH": f"{NETLIFY_NODE.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         proc = self.stack.start("netlify-functions-serve", [str(NETLIFY_NODE), str(NETLIFY_CLI), "functions:serve",
                                                             "--functions", str(NETLIFY_FUNCTIONS), "--port",
-                                                            str(port), "--offline"], env)
+                                                            str(port), "--offline"], env, cwd)
         wait_http(proc, port, SYNC_PATH, timeout=120)
         return proc, port
 
