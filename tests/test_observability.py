@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -123,3 +124,20 @@ def test_json_log_lines_link_the_invocation_to_its_job(make_site: Callable[..., 
     assert done[0]["function"] == "ok-background" and done[0]["attempt"] == 1
     sync = [r for r in lines(server) if r.get("event") == "invocation" and r.get("function") == "hello"]
     assert sync and sync[0]["status"] == 200 and re.fullmatch(r"[0-9a-f-]{36}", str(sync[0]["request_id"]))
+
+
+def test_log_times_match_loggings_own_formatting_across_seconds() -> None:
+    """bgfn's formatters format each second once (bgfn.logs): the text must still be what logging's
+    default formatter gives, and a new second must show as such."""
+    import logging
+
+    from bgfn.logs import JsonFormatter, TextFormatter
+
+    text, json_lines, reference = TextFormatter(), JsonFormatter(), logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for created in (1795935600.25, 1795935600.999, 1795935601.0, 1795935601.5, 1795935599.75):
+        record = logging.LogRecord("bgfn.app", logging.INFO, "", 0, "invocation %s", ("x",), None)
+        record.created, record.msecs = created, (created - int(created)) * 1000
+        assert text.format(record) == reference.format(record)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(record.msecs):03d}Z"
+        assert json.loads(json_lines.format(record))["time"] == stamp
