@@ -17,6 +17,7 @@ from urllib.parse import quote, urlsplit
 
 import redis
 from flask import Flask, request
+from werkzeug.exceptions import HTTPException
 from werkzeug.routing import Rule
 from werkzeug.wrappers import Request, Response
 from werkzeug.wsgi import get_host
@@ -134,6 +135,11 @@ class FunctionCalls:
         name = path[len(FUNCTIONS_PREFIX):].split("/", 1)[0] if path.startswith(FUNCTIONS_PREFIX) else ""
         try:
             response = _dispatch(self.state, name, environ, path)
+        except HTTPException as exc:  # werkzeug's bounded stream: the client went away mid-body
+            response = error_response(exc.code or 400, type(exc).__name__, f"The request to {path!r} could not be "
+                                      f"read: {exc.description} Send it again, complete.")
+        except OSError:
+            raise  # the same under gunicorn (its NoMoreData): gunicorn drops the connection, nobody to answer
         except Exception:
             log.exception("bgfn failed to answer %s %s", environ.get("REQUEST_METHOD"), path)
             response = error_response(500, "InternalServerError", f"bgfn failed to answer {path!r}; the server log "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import textwrap
@@ -9,6 +10,7 @@ import time
 from collections.abc import Callable
 from http.client import HTTPConnection
 from pathlib import Path
+from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
@@ -314,3 +316,52 @@ def test_body_limit_through_gunicorn(make_site: Callable[..., Path], start_serve
         assert set(error_body(answer.body)) == {"errorType", "errorMessage"}
     assert http(base, "GET", "/.netlify/functions/ok").status == 404  # still serving
     assert http(base, "POST", path, body=b"after", headers=[("Content-Type", "text/plain")]).body == b"5"
+
+
+class _GoneMidBody(io.RawIOBase):
+    """A request body whose client went away: reading raises, as gunicorn's reader does (NoMoreData)."""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        raise OSError("No more data after: b'ab'")
+
+
+def _gone_mid_body(terminated: bool) -> dict[str, Any]:
+    from werkzeug.test import EnvironBuilder
+
+    environ = EnvironBuilder(path="/.netlify/functions/size", method="POST", content_type="text/plain",
+                             data=b"abc").get_environ()
+    environ["wsgi.input"] = _GoneMidBody()
+    environ.pop("wsgi.input_terminated", None)
+    if terminated:
+        environ["wsgi.input_terminated"] = True  # as gunicorn sets it
+    return environ
+
+
+def test_a_client_gone_mid_body_is_left_to_gunicorn_and_not_logged_as_a_bug(
+        size_client: FlaskClient, caplog: pytest.LogCaptureFixture) -> None:
+    """Under gunicorn (its input is marked terminated) the reader's OSError goes through for gunicorn to
+    drop the connection: there is nobody to answer, and it is not a fault of bgfn's to log."""
+    from werkzeug.test import run_wsgi_app
+
+    with pytest.raises(OSError, match="No more data"):
+        run_wsgi_app(size_client.application, _gone_mid_body(terminated=True), buffered=True)
+    assert "bgfn failed to answer" not in caplog.text
+    assert size_client.get("/.netlify/functions/size").get_data() == b"0"  # the handler never ran
+
+
+def test_a_client_gone_mid_body_under_werkzeugs_bounded_stream_is_400_json(
+        size_client: FlaskClient, caplog: pytest.LogCaptureFixture) -> None:
+    """A server that does not mark its input terminated gets werkzeug's bounded stream, which turns the
+    same failure into ClientDisconnected: answered 400 with what was wrong, not 500."""
+    from werkzeug.test import run_wsgi_app
+
+    answer, status, _ = run_wsgi_app(size_client.application, _gone_mid_body(terminated=False), buffered=True)
+    assert status.startswith("400 "), status
+    body = error_body(b"".join(answer))
+    assert body["errorType"] == "ClientDisconnected"
+    assert "could not be read" in str(body["errorMessage"])
+    assert "bgfn failed to answer" not in caplog.text
+    assert size_client.get("/.netlify/functions/size").get_data() == b"0"  # the handler never ran
