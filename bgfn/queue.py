@@ -100,10 +100,6 @@ def job_fields(queue: Queue, function: Function, event: dict[str, Any], request_
     same encodings (JSON serializer, zlib-compressed data, RQ's timestamps), built without RQ's Job
     object, whose construction and `to_dict` were most of a 202's CPU. RQ reads it back like any of
     its own jobs; tests/test_queue.py compares it field by field with what `enqueue_call` stores."""
-    meta: dict[str, Any] = {"function": function.name, "accepted_at": accepted_at,
-                            "max_attempts": function.retry.max_attempts}
-    if callback_url is not None:
-        meta["callback_url"] = callback_url
     args = [function.name, event, {"request_id": request_id, "accepted_at": accepted_at}]
     stamp = dt.datetime.fromtimestamp(accepted_at, dt.UTC).strftime(RQ_TIMESTAMP)
     fields: dict[FieldT, EncodableT] = {
@@ -118,8 +114,17 @@ def job_fields(queue: Queue, function: Function, event: dict[str, Any], request_
         fields["retry_intervals"] = json.dumps(delays)
     fields.update(origin=queue.name, description=function.name, enqueued_at=stamp,
                   timeout=max(1, int(round(function.timeout))), result_ttl=result_ttl, failure_ttl=failure_ttl,
-                  status="queued", meta=json.dumps(meta).encode("utf-8"))
+                  status="queued", meta=json.dumps(job_meta(function, accepted_at, callback_url)).encode("utf-8"))
     return fields
+
+
+def job_meta(function: Function, accepted_at: float, callback_url: str | None) -> dict[str, Any]:
+    """What bgfn keeps in an invocation's RQ `meta`."""
+    meta: dict[str, Any] = {"function": function.name, "accepted_at": accepted_at,
+                            "max_attempts": function.retry.max_attempts}
+    if callback_url is not None:
+        meta["callback_url"] = callback_url
+    return meta
 
 
 def compress(data: bytes) -> bytes:
@@ -149,15 +154,12 @@ def enqueue_invocation(queue: BgfnQueue, function: Function, event: dict[str, An
         if concurrency is not None:
             # RQ's rate limiter holds the job back while `concurrency` of the function's jobs run; it
             # takes no pipeline, so this path costs a second round trip.
-            meta: dict[str, Any] = {"function": function.name, "accepted_at": accepted_at,
-                                    "max_attempts": function.retry.max_attempts}
-            if callback_url is not None:
-                meta["callback_url"] = callback_url
             queue.enqueue_call(JOB_FUNCTION, rate_limit=RateLimit(f"bgfn:{function.name}", concurrency),
                                args=(function.name, event, {"request_id": request_id, "accepted_at": accepted_at}),
                                timeout=max(1, int(round(function.timeout))), result_ttl=result_ttl,
                                failure_ttl=failure_ttl, description=function.name, job_id=request_id,
-                               retry=retry_policy(function.retry.job_delays()), meta=meta)
+                               retry=retry_policy(function.retry.job_delays()),
+                               meta=job_meta(function, accepted_at, callback_url))
             queue.connection.hincrby(WAITING_KEY, function.name, 1)
             return request_id
         fields = job_fields(queue, function, event, request_id, accepted_at, callback_url=callback_url,
