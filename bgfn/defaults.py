@@ -67,6 +67,8 @@ IDEMPOTENCY_WAIT = 2.0
 SCHEDULED_LOOKUP = 1.0
 """How long a status read looks for a job that says `scheduled` in RQ's scheduled registry, which a
 retried job joins a moment after its status is written (seconds)."""
+VIEW_REREADS = 3
+"""Times a job's status view is read again when the job moved on while its next attempt was looked up (count)."""
 
 CALLBACK_RETRY_DELAYS = (10, 60, 300, 1800)
 """Delays before each new try of a failed completion-callback delivery (seconds)."""

@@ -114,8 +114,9 @@ def _ended_at(job: Job, meta: dict[str, Any]) -> datetime | float | None:
     return result.created_at if result is not None else None
 
 
-def _scheduled_time(job: Job, queue: Queue) -> datetime | None:
-    """When a scheduled job goes back on the queue; None once it is no longer scheduled.
+def _scheduled_time(job: Job, queue: Queue) -> tuple[datetime | None, bool]:
+    """When a scheduled job goes back on the queue (None once it is no longer scheduled), and whether
+    it had to be looked up again (then the job may have moved on meanwhile).
 
     The registry can miss a job whose status says scheduled: RQ writes a retried job's status at
     once but adds it to the scheduled registry in the worker's pipeline, later (milliseconds, more
@@ -124,16 +125,18 @@ def _scheduled_time(job: Job, queue: Queue) -> datetime | None:
     scheduled."""
     registry = ScheduledJobRegistry(queue=queue)
     deadline = time.monotonic() + defaults.SCHEDULED_LOOKUP
+    again = False
     while True:
         try:
-            return registry.get_scheduled_time(job)
+            return registry.get_scheduled_time(job), again
         except NoSuchJobError:
             if time.monotonic() > deadline or job.get_status(refresh=True) != JobStatus.SCHEDULED:
-                return None
+                return None, True
+            again = True
             time.sleep(0.01)
 
 
-def view(job: Job, queue: Queue | None = None) -> dict[str, Any]:
+def view(job: Job, queue: Queue | None = None, _reread: int = 0) -> dict[str, Any]:
     """The JSON view of a job: the body of GET /.bgfn/jobs/<id> and of completion callbacks."""
     meta = job.meta or {}
     state = state_of(job)
@@ -148,14 +151,17 @@ def view(job: Job, queue: Queue | None = None) -> dict[str, Any]:
         "max_attempts": int(meta.get("max_attempts", 1)),
     }
     if state == "scheduled" and queue is not None:
-        next_attempt = _scheduled_time(job, queue)
-        if next_attempt is None and state_of(job) != "scheduled":  # queued by the scheduler meanwhile
+        next_attempt, again = _scheduled_time(job, queue)
+        if again and _reread < defaults.VIEW_REREADS:
+            # Looked up for a while: the job may have moved on meanwhile (queued by the scheduler, or
+            # even run, failed and scheduled again), so the time found may not go with what was read.
             try:
                 job.refresh()
             except NoSuchJobError:
                 pass  # deleted meanwhile: this view is its last
             else:
-                return view(job, queue)
+                if state_of(job) != "scheduled" or (job.meta or {}).get("attempts") != meta.get("attempts"):
+                    return view(job, queue, _reread + 1)
         data["next_attempt_at"] = _iso(next_attempt)
     if state == "succeeded":
         data["result"] = job.return_value()

@@ -276,6 +276,34 @@ def test_a_job_queued_by_the_scheduler_while_its_status_is_read_shows_as_queued(
     assert "next_attempt_at" not in view
 
 
+def test_a_job_that_ran_again_while_its_status_was_read_shows_its_new_attempt_with_its_time(
+        site: Path, make_client: Callable[..., FlaskClient], redis_client: redis.Redis) -> None:
+    """Seen in a loaded CI run: while the read looked for attempt 1's retry, the job was queued, ran
+    attempt 2, failed and was scheduled again; the view showed attempt 1 with attempt 3's time. The
+    time found must go with the attempt shown."""
+    client = make_client(site)
+    job, queue = _scheduled_but_not_yet_registered(redis_client, client)
+    job.meta["attempts"] = 1
+    job.save_meta()
+    due = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=60)
+
+    def ran_again() -> None:  # attempt 2 started, failed, and its retry registered
+        again = Job.fetch(job.id, connection=redis_client, serializer=JSONSerializer)
+        again.meta["attempts"] = 2
+        again.save_meta()
+        ScheduledJobRegistry(queue=queue).schedule(again, due)
+
+    timer = threading.Timer(0.2, ran_again)
+    timer.start()
+    try:
+        view = status(client, job.id)
+    finally:
+        timer.join()
+    assert view["state"] == "scheduled"
+    assert view["attempts"] == 2, view
+    assert datetime.fromisoformat(view["next_attempt_at"].replace("Z", "+00:00")) == due
+
+
 def test_job_waiting_for_its_retry_is_scheduled_and_can_be_canceled(
         site: Path, make_client: Callable[..., FlaskClient], start_worker: Callable[..., Process],
         marks: Path) -> None:
