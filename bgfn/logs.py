@@ -16,19 +16,20 @@ FIELDS = ("event", "function", "kind", "request_id", "job_id", "status", "durati
 
 class _SecondCache:
     """A record's time in whole seconds, formatted once per second (the web tier logs a line per
-    invocation, and strftime was a tenth of that line's cost)."""
+    invocation; strftime on each was ~1 µs of a line's ~30)."""
 
     def __init__(self, convert: Callable[[float | None], time.struct_time], pattern: str) -> None:
         self.convert = convert
         self.pattern = pattern
-        self.second = -1
-        self.text = ""
+        self.cached = (-1, "")  # (second, its text), replaced as one, so threads never mix two seconds
 
     def __call__(self, created: float) -> str:
         second = int(created)
-        if second != self.second:  # a race between threads only formats the same second twice
-            self.text, self.second = time.strftime(self.pattern, self.convert(second)), second
-        return self.text
+        cached = self.cached
+        if cached[0] != second:
+            cached = (second, time.strftime(self.pattern, self.convert(second)))
+            self.cached = cached
+        return cached[1]
 
 
 class TextFormatter(logging.Formatter):
