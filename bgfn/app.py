@@ -94,7 +94,7 @@ def create_app(settings: Settings, registry: Registry, connection: redis.Redis |
     # Calls under /.netlify/functions/ are answered by FunctionCalls before Flask; this rule only
     # sees the bare folder (`/.netlify/functions`), a function-not-found like an empty name.
     app.url_map.add(Rule("/.netlify/functions/", endpoint="function"))
-    app.view_functions["function"] = lambda: _dispatch(state, "", request.environ)
+    app.view_functions["function"] = lambda: text_response(404, NOT_FOUND_TEXT)
     app.url_map.add(Rule("/", endpoint="rewrite"))
     app.url_map.add(Rule("/<path:rest>", endpoint="rewrite"))
     app.view_functions["rewrite"] = lambda rest="": _rewrite_view(state)
@@ -132,9 +132,8 @@ class FunctionCalls:
         if not environ.get("PATH_INFO", "").startswith(FUNCTIONS_PREFIX):
             return self.flask_app(environ, start_response)
         path = _raw_path(environ)
-        name = path[len(FUNCTIONS_PREFIX):].split("/", 1)[0] if path.startswith(FUNCTIONS_PREFIX) else ""
         try:
-            response = _dispatch(self.state, name, environ, path)
+            response = _dispatch(self.state, _function_name(path), environ, path)
         except HTTPException as exc:  # werkzeug's bounded stream: the client went away mid-body
             response = error_response(exc.code or 400, type(exc).__name__, f"The request to {path!r} could not be "
                                       f"read: {exc.description} Send it again, complete.")
@@ -197,11 +196,15 @@ def _rewrite_view(state: BgfnState) -> Answer:
     if target is None:
         return error_response(404, "NotFound", f"Nothing is served at {request.path!r}. Functions live under "
                               f"{FUNCTIONS_PREFIX}NAME; bgfn's own endpoints under {BGFN_PREFIX}.")
-    name = target[len(FUNCTIONS_PREFIX):].split("/", 1)[0]
-    return _dispatch(state, name, request.environ, path)  # the function sees the original path and query
+    return _dispatch(state, _function_name(target), request.environ, path)  # it sees the original path
 
 
-def _dispatch(state: BgfnState, name: str, environ: dict[str, Any], path: str = "") -> Answer:
+def _function_name(path: str) -> str:
+    """The NAME of /.netlify/functions/NAME[/...] ("" for any other path)."""
+    return path[len(FUNCTIONS_PREFIX):].split("/", 1)[0] if path.startswith(FUNCTIONS_PREFIX) else ""
+
+
+def _dispatch(state: BgfnState, name: str, environ: dict[str, Any], path: str) -> Answer:
     if name and "%" not in name and not NAME_RULE.match(name):
         return text_response(400, BAD_NAME_TEXT)
     function = state.registry.functions.get(name)
@@ -209,7 +212,7 @@ def _dispatch(state: BgfnState, name: str, environ: dict[str, Any], path: str = 
         return text_response(404, NOT_FOUND_TEXT)  # scheduled functions answer HTTP only in development
     request_id = new_request_id()
     started = time.perf_counter()
-    response = _invoke(state, function, environ, path or _raw_path(environ), request_id)
+    response = _invoke(state, function, environ, path, request_id)
     _observe(state, function, request_id, response, time.perf_counter() - started)
     return response
 

@@ -243,18 +243,24 @@ def _scheduled_but_not_yet_registered(redis_client: redis.Redis, client: FlaskCl
     return job, queue
 
 
+def _status_while(client: FlaskClient, job_id: str, after: float, change: Callable[[], object]) -> dict[str, Any]:
+    """The job's status, read while `change` happens `after` seconds into the read (a worker or the
+    scheduler moving the job on meanwhile)."""
+    timer = threading.Timer(after, change)
+    timer.start()
+    try:
+        return status(client, job_id)
+    finally:
+        timer.join()
+
+
 def test_a_retry_being_scheduled_shows_its_next_attempt_once_rq_has_registered_it(
         site: Path, make_client: Callable[..., FlaskClient], redis_client: redis.Redis) -> None:
     client = make_client(site)
     job, queue = _scheduled_but_not_yet_registered(redis_client, client)
     due = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=60)
     # Registered 0.4 s later (a loaded worker's pipeline): the status read waits for it.
-    timer = threading.Timer(0.4, lambda: ScheduledJobRegistry(queue=queue).schedule(job, due))
-    timer.start()
-    try:
-        view = status(client, job.id)
-    finally:
-        timer.join()
+    view = _status_while(client, job.id, 0.4, lambda: ScheduledJobRegistry(queue=queue).schedule(job, due))
     assert view["state"] == "scheduled"
     assert view["error"] == {"type": "RuntimeError", "message": "first attempt failed"}
     assert view["next_attempt_at"] is not None, view
@@ -266,12 +272,7 @@ def test_a_job_queued_by_the_scheduler_while_its_status_is_read_shows_as_queued(
     client = make_client(site)
     job, queue = _scheduled_but_not_yet_registered(redis_client, client)
     # The scheduler's move, 0.2 s into the read: out of the registry (it never was) and queued.
-    timer = threading.Timer(0.2, lambda: queue.enqueue_job(job))
-    timer.start()
-    try:
-        view = status(client, job.id)
-    finally:
-        timer.join()
+    view = _status_while(client, job.id, 0.2, lambda: queue.enqueue_job(job))
     assert view["state"] == "queued", view
     assert "next_attempt_at" not in view
 
@@ -293,12 +294,7 @@ def test_a_job_that_ran_again_while_its_status_was_read_shows_its_new_attempt_wi
         again.save_meta()
         ScheduledJobRegistry(queue=queue).schedule(again, due)
 
-    timer = threading.Timer(0.2, ran_again)
-    timer.start()
-    try:
-        view = status(client, job.id)
-    finally:
-        timer.join()
+    view = _status_while(client, job.id, 0.2, ran_again)
     assert view["state"] == "scheduled"
     assert view["attempts"] == 2, view
     assert datetime.fromisoformat(view["next_attempt_at"].replace("Z", "+00:00")) == due

@@ -109,3 +109,18 @@ def test_job_data_compression_reads_back_and_is_as_small_as_zlibs_default(size: 
     packed = compress(data)
     assert zlib.decompress(packed) == data  # what RQ's Job.restore does
     assert len(packed) <= len(zlib.compress(data)) * 1.01 + 8
+
+
+def test_storing_still_works_after_redis_forgets_the_store_script(
+        make_site: Callable[..., Path], redis_client: redis.Redis) -> None:
+    """A restarted Redis has an empty script cache: the store (one Lua call) loads its script again
+    instead of failing the 202 with NOSCRIPT."""
+    site = make_site({**SITE, "bgfn.toml": BGFN_TOML})
+    _, registry = load(site)
+    queue = make_queue(redis_client, "parity")
+    function = registry.functions["plain-background"]
+    first = enqueue_invocation(queue, function, {"n": 1}, "bbbbbbbb-2222-4333-8444-555555555555")
+    redis_client.script_flush()
+    second = enqueue_invocation(queue, function, {"n": 2}, "cccccccc-2222-4333-8444-555555555555")
+    assert queue.job_ids == [first, second]
+    assert redis_client.hget(WAITING_KEY, "plain-background") == b"2"

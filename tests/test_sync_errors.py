@@ -365,3 +365,22 @@ def test_a_client_gone_mid_body_under_werkzeugs_bounded_stream_is_400_json(
     assert "could not be read" in str(body["errorMessage"])
     assert "bgfn failed to answer" not in caplog.text
     assert size_client.get("/.netlify/functions/size").get_data() == b"0"  # the handler never ran
+
+
+def test_a_fault_in_bgfn_itself_is_a_json_500_with_the_trace_logged(
+        size_client: FlaskClient, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Function calls are answered before Flask (bgfn.app.FunctionCalls), so bgfn turns its own
+    unexpected exceptions into its JSON error body, as it does every other error, and logs the trace."""
+    import bgfn.app
+
+    def broken(**_: Any) -> dict[str, Any]:
+        raise KeyError("no such field")
+
+    monkeypatch.setattr(bgfn.app, "build_event", broken)
+    response = size_client.post("/.netlify/functions/size", data=b"abc", content_type="text/plain")
+    assert response.status_code == 500
+    body = error_body(response.get_data())
+    assert body["errorType"] == "InternalServerError"
+    assert "/.netlify/functions/size" in str(body["errorMessage"])
+    assert "bgfn failed to answer POST /.netlify/functions/size" in caplog.text
+    assert "KeyError: 'no such field'" in caplog.text
