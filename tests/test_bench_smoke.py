@@ -36,7 +36,7 @@ def test_bench_smoke_writes_every_figure(tmp_path: Path) -> None:
     assert "targets" in done.stdout and "sync invoke, 16 conn" in done.stdout
     result = json.loads(out.read_text())
     assert result["meta"]["smoke"] is True and result["meta"]["loadgen_name"] in ("wrk", "python")
-    assert result["meta"]["gunicorn"]["worker_class"] == "gthread"
+    assert result["meta"]["gunicorn"]["worker_class"] == "bgfn.webworker.LingeringWorker"
     for name in FIGURES:
         stats = result["figures"][name]
         assert set(stats) >= {"median", "min", "max"}, name

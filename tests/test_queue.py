@@ -5,8 +5,11 @@ theirs. Compared field by field against RQ, with real Valkey, for each kind of f
 from __future__ import annotations
 
 import json
+import socket
+import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +18,8 @@ import redis
 from rq import Queue, Retry
 from rq.job import Job, JobStatus
 
-from bgfn.queue import JOB_FUNCTION, WAITING_KEY, compress, enqueue_invocation, make_queue, retry_policy
+from bgfn.errors import QueueUnavailable
+from bgfn.queue import JOB_FUNCTION, WAITING_KEY, compress, connect, enqueue_invocation, make_queue, retry_policy
 from tests.conftest import load
 
 SITE = {
@@ -123,4 +127,73 @@ def test_storing_still_works_after_redis_forgets_the_store_script(
     redis_client.script_flush()
     second = enqueue_invocation(queue, function, {"n": 2}, "cccccccc-2222-4333-8444-555555555555")
     assert queue.job_ids == [first, second]
+    assert redis_client.hget(WAITING_KEY, "plain-background") == b"2"
+
+
+@contextmanager
+def _reply_dropping_proxy(redis_url: str) -> Iterator[str]:
+    """A TCP proxy to Redis that passes every command on but, once a script call (EVAL/EVALSHA) has
+    gone through, hangs up on the client instead of passing its reply: the write happened, and the
+    client never hears so."""
+    host, port = redis_url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
+    listener = socket.create_server(("127.0.0.1", 0))
+    sockets: list[socket.socket] = [listener]
+
+    def serve(client: socket.socket) -> None:
+        upstream = socket.create_connection((host, int(port)))
+        sockets.append(upstream)
+        script_sent = threading.Event()
+
+        def replies() -> None:
+            while data := upstream.recv(65536):
+                if script_sent.is_set():
+                    client.shutdown(socket.SHUT_RDWR)
+                    return
+                client.sendall(data)
+
+        threading.Thread(target=replies, daemon=True).start()
+        try:
+            while data := client.recv(65536):
+                if b"EVAL" in data.upper():
+                    script_sent.set()
+                upstream.sendall(data)
+        except OSError:
+            pass
+
+    def accept() -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            sockets.append(client)
+            threading.Thread(target=serve, args=(client,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield f"redis://127.0.0.1:{listener.getsockname()[1]}/0"
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def test_a_store_whose_reply_is_lost_is_not_sent_again(
+        make_site: Callable[..., Path], redis_url: str, redis_client: redis.Redis) -> None:
+    """Redis ran the store but the reply never came back: the store fails (the web answers 503: it
+    cannot know), and the job is in the queue once. A store sent again on a lost reply (a retrying
+    client) would queue it twice, and the function would run twice."""
+    site = make_site({**SITE, "bgfn.toml": BGFN_TOML})
+    _, registry = load(site)
+    function = registry.functions["plain-background"]
+    queue = make_queue(redis_client, "parity")
+    first = enqueue_invocation(queue, function, {"n": 1}, "aaaaaaaa-2222-4333-8444-555555555555")  # script cached
+    with _reply_dropping_proxy(redis_url) as proxied:
+        client = connect(proxied)
+        try:
+            with pytest.raises(QueueUnavailable, match="Redis did not take the job"):
+                enqueue_invocation(make_queue(client, "parity"), function, {"n": 2},
+                                   "dddddddd-2222-4333-8444-555555555555")
+        finally:
+            client.close()
+    assert queue.job_ids == [first, "dddddddd-2222-4333-8444-555555555555"]
     assert redis_client.hget(WAITING_KEY, "plain-background") == b"2"
