@@ -236,11 +236,16 @@ def _invoke(state: BgfnState, function: Function, environ: dict[str, Any], path:
     if environ.get("CONTENT_LENGTH", "") in ("", "0") and "HTTP_TRANSFER_ENCODING" not in environ:
         body = b""  # nothing to read (most GETs): werkzeug's stream wrapper would find the same
     else:
-        req = Request(environ)  # werkzeug's: a bounded stream, chunked bodies included
-        length = req.content_length
+        if environ.get("wsgi.input_terminated"):
+            # gunicorn's input ends where the body does (chunked bodies decoded): werkzeug would read it
+            # as it is too, after ~25 µs of building its Request around it
+            stream, length = environ["wsgi.input"], _content_length(environ)
+        else:
+            req = Request(environ)  # werkzeug's: a bounded stream, chunked bodies included
+            stream, length = req.stream, req.content_length
         if length is not None and length > limit:
             return _too_large(function, length, limit)
-        body = req.stream.read(limit + 1)
+        body = stream.read(limit + 1)
         if len(body) > limit:
             return _too_large(function, None, limit)
 
@@ -251,6 +256,16 @@ def _invoke(state: BgfnState, function: Function, environ: dict[str, Any], path:
     if function.background:
         return _accept_background(state, function, event, request_id, environ)
     return _run_sync(state, function, event, request_id, environ.get("gunicorn.socket"))
+
+
+def _content_length(environ: dict[str, Any]) -> int | None:
+    """The request's declared body length, as werkzeug reads it (none with a transfer coding)."""
+    if "HTTP_TRANSFER_ENCODING" in environ:
+        return None
+    try:
+        return max(0, int(environ.get("CONTENT_LENGTH", "")))
+    except ValueError:
+        return None
 
 
 def _too_large(function: Function, length: int | None, limit: int) -> Response:

@@ -15,6 +15,7 @@ import time
 import zlib
 from typing import Any
 
+import hiredis
 import redis
 from redis.typing import EncodableT, FieldT
 from rq import Queue, RateLimit, Retry
@@ -172,7 +173,7 @@ def _store(queue: BgfnQueue, keys: list[str], args: list[Any]) -> None:
     """Run the store script on one of the client's pooled connections, sent once.
 
     Not through the client's command call, whose wrappers (retry, observability, the parse of
-    options) cost ~40 µs of a ~190 µs store here. The pool still hands out a live connection (it
+    options) cost ~40 µs of a ~190 µs store here, nor its packer. The pool still hands out a live connection (it
     reconnects one that Redis closed) and the connection still checks its health. The command is
     never sent twice: if its reply is lost the job may be stored, and a resend would queue it again.
     """
@@ -180,7 +181,9 @@ def _store(queue: BgfnQueue, keys: list[str], args: list[Any]) -> None:
     connection = pool.get_connection()
     try:
         try:
-            connection.send_command("EVALSHA", _STORE_SHA, len(keys), *keys, *args)
+            # hiredis packs it directly: redis-py's packer first copies and checks every argument
+            # (~21 against ~7 µs for a job's ~45 arguments)
+            connection.send_packed_command([hiredis.pack_command(("EVALSHA", _STORE_SHA, len(keys), *keys, *args))])
             connection.read_response()
         except redis.exceptions.NoScriptError:  # a restarted Redis: nothing ran; EVAL caches it again
             connection.send_command("EVAL", _STORE, len(keys), *keys, *args)
