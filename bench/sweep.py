@@ -3,8 +3,8 @@
     .venv/bin/python -m bench.sweep [--rounds 2] [--duration 4] [--configs 2x4,2x2,2x8,3x4,4x2,1x8]
 
 Starts Valkey, then for each configuration a `bgfn serve` with BGFN_WEB_WORKERS and BGFN_WEB_THREADS
-set, and measures with the suite's own load generator and `Suite.measure`: sync req/s at 16 and 64
-connections, background accept req/s and 202 p99 at 16 connections, 202 p50 at 1 connection.
+set, and measures with the suite's own load generator and `Suite.measure`: sync req/s at 1, 16 and
+64 connections, background accept req/s and 202 p99 at 16 connections, 202 p50 at 1 connection.
 Each round goes through the configurations, every other round in reverse order; one line per
 configuration and round, then a Markdown table with every round's value (no medians: with two
 rounds and a noisy machine, the spread is the information).
@@ -22,6 +22,7 @@ from pathlib import Path
 from bench.run import ACCEPT_PATH, FULL, SYNC_PATH, LoadGen, Plan, Suite
 
 COLUMNS = {
+    "sync req/s, 1 conn": ("sync", 1, "rps"),
     "sync req/s, 16 conn": ("sync", 16, "rps"),
     "sync req/s, 64 conn": ("sync", 64, "rps"),
     "accept req/s, 16 conn": ("accept", 16, "rps"),
