@@ -1,30 +1,36 @@
-"""The web processes' gunicorn worker class: gthread, keeping a kept-alive connection in its thread
-for a moment.
+"""The web processes' gunicorn worker class: gthread with fewer thread hand-offs.
 
-gunicorn's gthread hands every request over twice: its main thread sees the connection readable
-and submits it to the thread pool; after the answer the pool thread gives it back to the main thread,
-which polls it again. On a kept-alive connection whose client sends its next request at once, those
-two hand-offs (two thread wake-ups, a pipe write and a poller registration) cost more than bgfn's
-own work for a small call (README, "Benchmarks").
+gunicorn's gthread hands every request over twice: its main thread sees the connection readable and
+submits it to the thread pool; after the answer the pool thread has the main thread told (a pipe write
+and a wake-up) to put the connection back in its poller. On this 2-core VM a wake-up of another
+thread costs more than bgfn's own work for a small call (README, "Benchmarks"). So
+:class:`LingeringWorker` changes two things, and leaves the rest (accepting, idle kept-alive
+connections and their timeout, graceful stop, TLS, HTTP/2) to gthread:
 
-:class:`LingeringWorker` lets the pool thread wait up to BGFN_WEB_LINGER (2 ms by default) for the
-connection's next request and serve it itself. It does so only while the process has no more
-connections than threads and another thread is free; and when the main thread queues a connection
-while every thread is busy, a lingering thread gives its own back at once and takes that one. So
-lingering never keeps a waiting connection from being served. Everything else (accepting, idle
-kept-alive connections, timeouts, graceful stop, TLS, HTTP/2) is gthread's own.
+- after an answer on a kept-alive connection the pool thread waits up to BGFN_WEB_LINGER (2 ms by
+  default) for the connection's next request and serves it itself. It does so only while the process
+  has no more connections than threads and another thread is free; and when the main thread queues a
+  connection while every thread is busy, a lingering thread gives its own back at once and takes that
+  one. So lingering never keeps a waiting connection from being served;
+- a connection that stays open is put back in the poller by the pool thread itself (the poller and
+  the deque of kept-alive connections are safe to add to from another thread). Everything else that
+  ends a request (closing, a request read ahead, a stopping worker) still goes to gthread's own
+  `finish_request` on the main thread.
 
-Measured (bench/, README "Benchmarks"): at 1 connection a trivial call costs ~35 % less CPU and its
-p50 drops from ~0.7 to ~0.35 ms; at 16 and 64 connections, where a process has more connections
-than threads, it measures as gthread does.
+Measured (bench/, README "Benchmarks"), a trivial sync call: at 1 connection the linger cuts its CPU
+by ~35 % and its p50 from ~0.7 to ~0.35 ms; at 16 connections putting connections back from the pool
+thread gives ~14 % more requests/s; at 64 both measure as gthread does.
 """
 
 from __future__ import annotations
 
 import os
 import select
+import selectors
 import threading
+from concurrent import futures
 from contextlib import suppress
+from functools import partial
 from typing import Any
 
 from gunicorn.config import Config
@@ -71,7 +77,7 @@ class LingeringWorker(ThreadWorker):
         super().init_process()
 
     def enqueue_req(self, conn: Any) -> None:
-        super().enqueue_req(conn)
+        self.tpool.submit(self._serve, conn)  # no completion callback: _serve reports to the main thread
         if self._lingering and self._busy >= self.cfg.threads:
             with suppress(BlockingIOError):
                 os.write(self._wake_write, b"\0")
@@ -85,6 +91,28 @@ class LingeringWorker(ThreadWorker):
             return result
         finally:
             self._count(busy=-1)
+
+    def _serve(self, conn: Any) -> None:
+        """Serve the connection (lingering, see handle), then put it back in gunicorn's poller
+        ourselves when it stays open: gthread has the main thread told (a pipe write and a wake-up)
+        to do that. Every other outcome goes to gthread's own `finish_request` on the main thread,
+        as gthread does it (closing, a request already read ahead, a stopping worker)."""
+        done: futures.Future[Any] = futures.Future()
+        try:
+            result = self.handle(conn)
+        except BaseException as exc:
+            done.set_exception(exc)
+        else:
+            if result is True and self.alive and not conn.parser.unreader.buf.getvalue():
+                # As finish_request does it; the deque first, so the poller never reports a
+                # connection that on_client_socket_readable cannot find there.
+                conn.sock.setblocking(False)
+                conn.set_timeout()
+                self.keepalived_conns.append(conn)
+                self.poller.register(conn.sock, selectors.EVENT_READ, partial(self.on_client_socket_readable, conn))
+                return
+            done.set_result(result)
+        self.method_queue.defer(self.finish_request, conn, done)
 
     def _count(self, busy: int = 0, lingering: int = 0) -> None:
         with self._count_lock:

@@ -123,6 +123,38 @@ def test_a_lingering_thread_gives_way_to_a_connection_that_would_wait(
             conn.close()
 
 
+def test_more_connections_than_threads_are_all_served_in_turn(
+        site: Path, start_server: Callable[..., str]) -> None:
+    """Six kept-alive connections on one process with two threads: each answer's connection goes back
+    to gunicorn's poller from the thread that served it, and every request is answered, in order."""
+    base = start_server(site, BGFN_WEB_WORKERS="1", BGFN_WEB_THREADS="2")
+    conns = [Connection(base) for _ in range(6)]
+    try:
+        for n in range(20):
+            for i, conn in enumerate(conns):
+                conn.send(f"/.netlify/functions/echo?n={i}-{n}")
+            assert [conn.answer() for conn in conns] == [(200, f"echo {i}-{n}") for i in range(len(conns))]
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+def test_an_idle_kept_alive_connection_is_closed_after_the_keepalive_timeout(
+        site: Path, start_server: Callable[..., str]) -> None:
+    """A connection put back in the poller by its thread is still one gunicorn keeps track of: it
+    closes it once idle for its keep-alive timeout (2 s), not never."""
+    base = start_server(site, BGFN_WEB_WORKERS="1", BGFN_WEB_THREADS="2")
+    conn = Connection(base, timeout=15)
+    try:
+        conn.send("/.netlify/functions/echo?n=1")
+        assert conn.answer() == (200, "echo 1")
+        began = time.monotonic()
+        assert conn.sock.recv(1) == b""  # the server hung up (socket.timeout after 15 s if it never does)
+        assert time.monotonic() - began < 12
+    finally:
+        conn.close()
+
+
 def test_no_linger_serves_kept_alive_connections_as_gthread_does(
         site: Path, start_server: Callable[..., str]) -> None:
     base = start_server(site, BGFN_WEB_WORKERS="1", BGFN_WEB_THREADS="1", BGFN_WEB_LINGER="0")
