@@ -76,6 +76,8 @@ class DevSupervisor:
             click.echo(f"bgfn dev: embedded Redis at {settings.redis_url} (data in {self.redis.data_dir})")
         env = {**os.environ, **settings.as_environ()}
         signal.signal(signal.SIGTERM, lambda *_: self._request_stop())
+        # A closed terminal: stop in order too (the embedded Redis has its own session and gets no SIGHUP)
+        signal.signal(signal.SIGHUP, lambda *_: self._request_stop())
         click.echo(f"bgfn dev: serving {self.site.site_dir} at http://{settings.bind}/.netlify/functions/NAME")
         try:
             self._start_children(env)

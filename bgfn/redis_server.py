@@ -66,8 +66,10 @@ class RedisServer:
                 "--dir", str(self.data_dir.resolve()), "--logfile", str(self.log_file.resolve()),
                 "--save", "", "--daemonize", "no",
                 "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec"]
+        # Its own session: a terminal's Ctrl-C (SIGINT to the whole foreground group) must not stop it
+        # before the processes using it have stopped; its owner stops it last (bgfn dev, the tests).
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL)
+                                        stderr=subprocess.DEVNULL, start_new_session=True)
         client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5, socket_timeout=1)
         deadline = time.monotonic() + timeout
         try:
