@@ -71,7 +71,7 @@ class DevSupervisor:
     def run(self) -> None:
         settings = self.settings.replace(dev=True)
         if not settings.redis_url:
-            self.redis = RedisServer(self.site.site_dir / defaults.DEV_DATA_DIR / "redis")
+            self.redis = RedisServer(self.site.site_dir / defaults.DEV_DATA_DIR / "redis", own_session=True)
             settings = settings.replace(redis_url=self.redis.start())
             click.echo(f"bgfn dev: embedded Redis at {settings.redis_url} (data in {self.redis.data_dir})")
         env = {**os.environ, **settings.as_environ()}

@@ -45,10 +45,15 @@ def free_port() -> int:
 class RedisServer:
     """A Redis server process on 127.0.0.1 with its data in `data_dir`."""
 
-    def __init__(self, data_dir: Path, port: int | None = None, *, appendonly: bool = True) -> None:
+    def __init__(self, data_dir: Path, port: int | None = None, *, appendonly: bool = True,
+                 own_session: bool = False) -> None:
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.appendonly = appendonly
+        # bgfn dev's: a terminal's Ctrl-C (SIGINT to the whole foreground group) must not stop it before
+        # the processes using it have stopped; its owner stops it last. Others (the tests, the benchmark)
+        # leave it in their group, so a kill of the group takes it too.
+        self.own_session = own_session
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -66,10 +71,8 @@ class RedisServer:
                 "--dir", str(self.data_dir.resolve()), "--logfile", str(self.log_file.resolve()),
                 "--save", "", "--daemonize", "no",
                 "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec"]
-        # Its own session: a terminal's Ctrl-C (SIGINT to the whole foreground group) must not stop it
-        # before the processes using it have stopped; its owner stops it last (bgfn dev, the tests).
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL, start_new_session=True)
+                                        stderr=subprocess.DEVNULL, start_new_session=self.own_session)
         client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5, socket_timeout=1)
         deadline = time.monotonic() + timeout
         try:
