@@ -106,11 +106,17 @@ class LingeringWorker(ThreadWorker):
             if result is True and self.alive and not conn.parser.unreader.buf.getvalue():
                 # As finish_request does it; the deque first, so the poller never reports a
                 # connection that on_client_socket_readable cannot find there.
-                conn.sock.setblocking(False)
-                conn.set_timeout()
-                self.keepalived_conns.append(conn)
-                self.poller.register(conn.sock, selectors.EVENT_READ, partial(self.on_client_socket_readable, conn))
-                return
+                try:
+                    conn.sock.setblocking(False)
+                    conn.set_timeout()
+                    self.keepalived_conns.append(conn)
+                    self.poller.register(conn.sock, selectors.EVENT_READ,
+                                         partial(self.on_client_socket_readable, conn))
+                    return
+                except (OSError, ValueError, KeyError):  # closed meanwhile (a stopping worker): close it
+                    with suppress(ValueError):
+                        self.keepalived_conns.remove(conn)
+                    result = False
             done.set_result(result)
         self.method_queue.defer(self.finish_request, conn, done)
 
