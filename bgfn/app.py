@@ -20,7 +20,7 @@ from flask import Flask, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import Rule
 from werkzeug.wrappers import Request, Response
-from werkzeug.wsgi import get_host
+from werkzeug.wsgi import get_content_length, get_host
 
 from bgfn import admin, defaults, idempotency, stats
 from bgfn.admin import status_url
@@ -239,7 +239,7 @@ def _invoke(state: BgfnState, function: Function, environ: dict[str, Any], path:
         if environ.get("wsgi.input_terminated"):
             # gunicorn's input ends where the body does (chunked bodies decoded): werkzeug would read it
             # as it is too, after ~25 µs of building its Request around it
-            stream, length = environ["wsgi.input"], _content_length(environ)
+            stream, length = environ["wsgi.input"], get_content_length(environ)
         else:
             req = Request(environ)  # werkzeug's: a bounded stream, chunked bodies included
             stream, length = req.stream, req.content_length
@@ -256,16 +256,6 @@ def _invoke(state: BgfnState, function: Function, environ: dict[str, Any], path:
     if function.background:
         return _accept_background(state, function, event, request_id, environ)
     return _run_sync(state, function, event, request_id, environ.get("gunicorn.socket"))
-
-
-def _content_length(environ: dict[str, Any]) -> int | None:
-    """The request's declared body length, as werkzeug reads it (none with a transfer coding)."""
-    if "HTTP_TRANSFER_ENCODING" in environ:
-        return None
-    try:
-        return max(0, int(environ.get("CONTENT_LENGTH", "")))
-    except ValueError:
-        return None
 
 
 def _too_large(function: Function, length: int | None, limit: int) -> Response:

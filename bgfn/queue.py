@@ -97,7 +97,7 @@ def job_fields(queue: Queue, function: Function, event: dict[str, Any], request_
     same encodings (JSON serializer, zlib-compressed data, RQ's timestamps), built without RQ's Job
     object, whose construction and `to_dict` were most of a 202's CPU. RQ reads it back like any of
     its own jobs; tests/test_queue.py compares it field by field with what `enqueue_call` stores."""
-    args = [function.name, event, {"request_id": request_id, "accepted_at": accepted_at}]
+    args = _job_args(function, event, request_id, accepted_at)
     stamp = dt.datetime.fromtimestamp(accepted_at, dt.UTC).strftime(RQ_TIMESTAMP)
     fields: dict[FieldT, EncodableT] = {
         "created_at": stamp,
@@ -109,10 +109,20 @@ def job_fields(queue: Queue, function: Function, event: dict[str, Any], request_
     if delays:
         fields["retries_left"] = len(delays)
         fields["retry_intervals"] = json.dumps(delays)
-    fields.update(origin=queue.name, description=function.name, enqueued_at=stamp,
-                  timeout=max(1, int(round(function.timeout))), result_ttl=result_ttl, failure_ttl=failure_ttl,
+    fields.update(origin=queue.name, description=function.name, enqueued_at=stamp, timeout=_job_timeout(function),
+                  result_ttl=result_ttl, failure_ttl=failure_ttl,
                   status="queued", meta=json.dumps(job_meta(function, accepted_at, callback_url)).encode("utf-8"))
     return fields
+
+
+def _job_args(function: Function, event: dict[str, Any], request_id: str, accepted_at: float) -> list[Any]:
+    """The arguments of :data:`JOB_FUNCTION` for one invocation."""
+    return [function.name, event, {"request_id": request_id, "accepted_at": accepted_at}]
+
+
+def _job_timeout(function: Function) -> int:
+    """RQ's job timeout (whole seconds, at least 1) for a function's time limit."""
+    return max(1, int(round(function.timeout)))
 
 
 def job_meta(function: Function, accepted_at: float, callback_url: str | None) -> dict[str, Any]:
@@ -152,8 +162,8 @@ def enqueue_invocation(queue: BgfnQueue, function: Function, event: dict[str, An
             # RQ's rate limiter holds the job back while `concurrency` of the function's jobs run; it
             # takes no pipeline, so this path costs a second round trip.
             queue.enqueue_call(JOB_FUNCTION, rate_limit=RateLimit(f"bgfn:{function.name}", concurrency),
-                               args=(function.name, event, {"request_id": request_id, "accepted_at": accepted_at}),
-                               timeout=max(1, int(round(function.timeout))), result_ttl=result_ttl,
+                               args=_job_args(function, event, request_id, accepted_at),
+                               timeout=_job_timeout(function), result_ttl=result_ttl,
                                failure_ttl=failure_ttl, description=function.name, job_id=request_id,
                                retry=retry_policy(function.retry.job_delays()),
                                meta=job_meta(function, accepted_at, callback_url))

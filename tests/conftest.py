@@ -17,7 +17,7 @@ from bgfn.config import load_site
 from bgfn.discovery import Registry, load_registry
 from bgfn.redis_server import RedisServer, free_port
 from bgfn.settings import Settings
-from tests.helpers import Process, bgfn_command, bgfn_env, http, wait_for, write_site
+from tests.helpers import Process, answers_health, bgfn_command, bgfn_env, wait_for, write_site
 
 
 @pytest.fixture(autouse=True)
@@ -142,10 +142,7 @@ def start_server(redis_url: str, processes: list[Process], tmp_path: Path) -> Ca
         def up() -> bool:
             if not process.alive():
                 raise AssertionError(f"bgfn serve exited: {process.output()}")
-            try:
-                return http(base, "GET", "/.bgfn/health", timeout=2).status == 200
-            except OSError:
-                return False
+            return answers_health(base)
 
         wait_for(up, timeout=30, what="bgfn serve to answer")
         return base

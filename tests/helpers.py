@@ -67,6 +67,14 @@ def http(base: str, method: str, path: str, body: bytes | None = None,
         conn.close()
 
 
+def answers_health(base: str) -> bool:
+    """Whether a bgfn server at `base` answers its health check (False while it is not listening)."""
+    try:
+        return http(base, "GET", "/.bgfn/health", timeout=2).status == 200
+    except OSError:
+        return False
+
+
 def write_site(root: Path, files: dict[str, str], netlify_toml: str | None = '[functions]\ndirectory = "functions"\n'
                ) -> Path:
     """Write a site: `files` maps paths (relative to the site) to source text (dedented)."""

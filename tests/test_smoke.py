@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bgfn.redis_server import free_port
-from tests.helpers import Process, bgfn_command, bgfn_env, http, wait_for
+from tests.helpers import Process, answers_health, bgfn_command, bgfn_env, http, wait_for
 
 SITE = {
     "functions/hello.py": """
@@ -68,7 +68,7 @@ def test_dev_stops_in_order_on_ctrl_c_with_nothing_left(make_site: Callable[...,
                                start_new_session=True,  # its own group, as a terminal gives a command
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
-        wait_for(lambda: _answers(base), timeout=60, what="bgfn dev to answer")
+        wait_for(lambda: answers_health(base), timeout=60, what="bgfn dev to answer")
         accepted = http(base, "POST", "/.netlify/functions/mark-background", body=b"x")
         assert accepted.status == 202
         wait_for((marks / str(accepted.header("X-Bgfn-Job-Id"))).exists, timeout=20, what="the job to run")
@@ -84,13 +84,6 @@ def test_dev_stops_in_order_on_ctrl_c_with_nothing_left(make_site: Callable[...,
     assert found, output
     redis_port = int(found.group(1))
     wait_for(lambda: not _listening(redis_port), timeout=15, what="the embedded Redis to stop")
-
-
-def _answers(base: str) -> bool:
-    try:
-        return http(base, "GET", "/.bgfn/health", timeout=2).status == 200
-    except OSError:
-        return False
 
 
 def _listening(port: int) -> bool:

@@ -155,6 +155,17 @@ def test_an_idle_kept_alive_connection_is_closed_after_the_keepalive_timeout(
         conn.close()
 
 
+def test_settled_config_reads_each_setting_once_and_forgets_a_value_it_is_given() -> None:
+    from bgfn.webworker import SettledConfig
+
+    cfg = SettledConfig()
+    assert cfg.threads == 1 and "threads" in cfg.__dict__  # read through gunicorn's Config, then kept
+    cfg.set("threads", 8)
+    assert cfg.threads == 8
+    with pytest.raises(AttributeError):
+        cfg.no_such_setting  # noqa: B018
+
+
 def test_no_linger_serves_kept_alive_connections_as_gthread_does(
         site: Path, start_server: Callable[..., str]) -> None:
     base = start_server(site, BGFN_WEB_WORKERS="1", BGFN_WEB_THREADS="1", BGFN_WEB_LINGER="0")
